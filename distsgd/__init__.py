@@ -1,0 +1,41 @@
+"""distsgd: the distributed SGD algorithms of the literature, in a simulator and on real processes.
+
+The public surface is `__all__`; everything else is private.
+"""
+
+from distsgd.algorithms import REGISTRY, Algorithm, WorkerContext, create, hyperparameter, register
+from distsgd.algorithms.allreduce import AllReduce
+from distsgd.algorithms.crossover import Crossover
+from distsgd.algorithms.easgd import EASGD
+from distsgd.algorithms.local_sgd import LocalSGD
+from distsgd.algorithms.sgp import SGP
+from distsgd.comm.base import Comm, Group
+from distsgd.errors import CommTimeout, DeadlockError, UsageError, WorkerFailure
+from distsgd.optimizer import DistributedOptimizer
+from distsgd.runtime import RunResult
+from distsgd.train import RunConfig
+
+# The training-loop module `distsgd.train` is imported above, before the function `train` below is
+# defined, so the function (the public API) is what `distsgd.train` names; the module stays
+# importable as `from distsgd.train import ...`.
+
+__version__ = "0.1.0"
+
+
+def train(**options: object) -> RunResult:
+    """Run one training job (simulated or on local processes); see `distsgd.train.RunConfig`.
+
+    >>> result = distsgd.train(algorithm="sgp", workers=8, backend="sim", steps=300)
+    >>> result.summary["test_accuracy"]
+    """
+    from distsgd.runtime import run
+
+    return run(RunConfig.create(**options))
+
+
+__all__ = [
+    "EASGD", "REGISTRY", "SGP", "AllReduce", "Algorithm", "Comm", "CommTimeout", "Crossover",
+    "DeadlockError", "DistributedOptimizer", "Group", "LocalSGD", "RunConfig", "RunResult",
+    "UsageError", "WorkerContext",
+    "WorkerFailure", "create", "hyperparameter", "register", "train",
+]

@@ -1,0 +1,5 @@
+"""`python -m distsgd ...`, which is also how torchrun starts it: `torchrun ... -m distsgd train`."""
+
+from distsgd.cli import entry
+
+entry()

@@ -1,0 +1,116 @@
+"""crossover: Crossover-SGD (Yeo, Bae, Jeong, Kwon, Oh 2020)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from distsgd import mixing, topology
+from distsgd.algorithms import register
+from distsgd.algorithms.base import Algorithm, WorkerContext, average_gradients_, hyperparameter
+from distsgd.comm.base import Group
+from distsgd.errors import UsageError
+
+
+@dataclass
+class CrossoverState:
+    bounds: list[tuple[int, int]]  # the segments of the flat model
+    group: Group | None = None  # this worker's group (hierarchical mode)
+    leaders: list[int] = field(default_factory=list)  # worker indices of the group leaders
+
+
+@register
+@dataclass(frozen=True)
+class Crossover(Algorithm):
+    """Segment-wise gossip on a load-balanced random topology, optionally hierarchical.
+
+    Each segment of the model is averaged with a different peer: for every (step, segment) the
+    shared seed draws a permutation without fixed points, so every worker sends and receives exactly
+    one copy of every segment (no hotspot, doubly stochastic, the average model preserved). Each idea
+    can be turned off: segments=1 (whole model), fair=false (independent peers), groups=0 (flat).
+    """
+
+    name = "crossover"
+    paper = "Yeo, Bae, Jeong, Kwon, Oh 2020, 'Crossover-SGD: a gossip-based communication ...'"
+    sends = "one message per segment (|x| in total) every step; leaders only when hierarchical"
+
+    segments: int | str = hyperparameter(
+        "blocks", "how the model is cut: 'blocks' (one per top-level module) or a number of "
+        "equal chunks (1 = no segmentation)")
+    fair: bool = hyperparameter(True, "load-balanced derangement (false: independent peers)")
+    groups: int = hyperparameter(0, "hierarchical groups: 0 flat; G >= 1 averages gradients "
+                                 "inside G contiguous groups and gossips among their leaders", low=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.segments, str) and self.segments != "blocks":
+            raise UsageError(f"crossover: segments={self.segments!r} is not valid; valid values: "
+                             "'blocks' or a positive integer")
+        if isinstance(self.segments, int) and self.segments < 1:
+            raise UsageError(f"crossover: segments={self.segments} is out of range: valid values "
+                             "lie in [1, inf) or 'blocks'")
+
+    def validate(self, workers: int, lr: float) -> list[str]:
+        if self.groups > workers:
+            raise UsageError(f"crossover: groups={self.groups} is out of range for {workers} "
+                             f"workers: valid values lie in [0, {workers}]")
+        return []
+
+    def init(self, ctx: WorkerContext) -> CrossoverState:
+        if self.segments == "blocks":
+            bounds = mixing.block_segments(ctx.flat.blocks)
+        else:
+            bounds = mixing.equal_segments(ctx.flat.numel, min(int(self.segments), ctx.flat.numel))
+        state = CrossoverState(bounds)
+        if self.groups:
+            # new_group is collective: every worker creates every group, in the same order.
+            for members in topology.contiguous_groups(ctx.workers, self.groups):
+                group = ctx.comm.new_group([ctx.worker_ranks[i] for i in members])
+                state.leaders.append(members[0])
+                if ctx.index in members:
+                    state.group = group
+        return state
+
+    def after_backward(self, ctx: WorkerContext, state: CrossoverState) -> None:
+        if state.group is None or state.group.size == 1:
+            return
+        # Exact gradient (and buffer) average inside the group, as allreduce does globally.
+        average_gradients_(ctx, state.group)
+
+    def after_step(self, ctx: WorkerContext, state: CrossoverState) -> None:
+        if state.group is None:
+            if ctx.workers > 1:
+                x = ctx.flat.get()
+                self._gossip(ctx, state, x, list(range(ctx.workers)))
+                ctx.flat.set_(x)
+            return
+        if len(state.leaders) == 1:
+            return  # one group: the group average already is the global average
+        x = ctx.flat.get()
+        if ctx.index in state.leaders:
+            self._gossip(ctx, state, x, state.leaders)
+        leader_rank = state.group.ranks[0]
+        if state.group.size > 1:
+            ctx.comm.broadcast_(x, leader_rank, group=state.group)
+        ctx.flat.set_(x)
+
+    def _gossip(self, ctx: WorkerContext, state: CrossoverState, x: torch.Tensor,
+                members: list[int]) -> None:
+        """Average each segment of `x` in place with the copies the schedule sends us."""
+        n, me = len(members), members.index(ctx.index)
+        plans = [topology.crossover_targets(n, ctx.step, s, ctx.seed, self.fair)
+                 for s in range(len(state.bounds))]
+        rank_of = [ctx.worker_ranks[m] for m in members]
+        for (a, b), targets in zip(state.bounds, plans, strict=True):
+            ctx.comm.send(x[a:b], rank_of[targets[me]])
+        for (a, b), targets in zip(state.bounds, plans, strict=True):
+            senders = topology.sources(targets, me)
+            if not senders:
+                continue
+            total, inbox = x[a:b].clone(), torch.empty(b - a, dtype=x.dtype)
+            for src in senders:
+                ctx.comm.recv(inbox, src=rank_of[src])
+                total.add_(inbox)
+            x[a:b] = total.div_(len(senders) + 1)
+

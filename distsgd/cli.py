@@ -1,0 +1,173 @@
+"""`distsgd train | list`: the command line.
+
+Bad input (an unknown name, a value out of range, missing data) ends with exit status 2 and one
+line naming the problem and the valid choices; a failed run (a crashed worker, a timeout, a
+deadlock in the simulator) ends with exit status 1 and a line saying what happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from distsgd import algorithms
+from distsgd.errors import DistSGDError, UsageError
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, no usage dump: the message already names the option and its valid values.
+        raise UsageError(message)
+
+
+def _train_parser(sub: Any) -> None:
+    from distsgd import data, models
+    from distsgd.train import BACKENDS, SAMPLINGS, RunConfig
+
+    d = RunConfig()
+    p = sub.add_parser("train", help="train one model with one algorithm",
+                       description="Train one model on many workers with one algorithm.")
+    p.add_argument("--algorithm", "-a", default=d.algorithm,
+                   help=f"one of: {', '.join(sorted(algorithms.REGISTRY))} (default %(default)s)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                   help="an algorithm hyperparameter (repeatable; see `distsgd list`)")
+    p.add_argument("--workers", "-n", type=int, default=d.workers, help="training workers")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="sim (simulated workers, the default), processes (one local process per "
+                        "worker), torchrun (the default under torchrun)")
+    p.add_argument("--dataset", default=d.dataset, help=f"one of: {', '.join(data.DATASETS)}")
+    p.add_argument("--model", default=None,
+                   help=f"one of: {', '.join(models.MODELS)} (default: cnn for images)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="steps per worker")
+    length.add_argument("--epochs", type=float, default=None,
+                        help=f"passes over the training set (default {RunConfig.DEFAULT_EPOCHS:g})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per worker")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between evaluations (default: ten per run)")
+    p.add_argument("--sampling", choices=SAMPLINGS, default=d.sampling,
+                   help="shard: disjoint shards; iid: every worker samples the whole set")
+    p.add_argument("--compute-time", default=d.compute_time,
+                   help="simulated compute per step: flops[:RATE], measured, or seconds")
+    p.add_argument("--latency", type=float, default=d.latency, help="simulated, seconds")
+    p.add_argument("--bandwidth", type=float, default=d.bandwidth, help="simulated, bytes/s")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help="seconds a blocking operation may wait on real processes")
+    p.add_argument("--out", default=None, help="run folder (default runs/<time>-<algorithm>)")
+    p.add_argument("--data-dir", default=None, help="dataset cache folder")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+
+
+def _parse_settings(items: list[str]) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--set {item!r} is not NAME=VALUE (e.g. --set period=4)")
+        settings[name.strip()] = value
+    return settings
+
+
+def _train(args: argparse.Namespace) -> int:
+    from distsgd import launch
+    from distsgd.runtime import run
+    from distsgd.train import RunConfig
+
+    backend = args.backend or ("torchrun" if launch.is_torchrun() else "sim")
+    cfg = RunConfig.create(
+        algorithm=args.algorithm, hyperparameters=_parse_settings(args.settings),
+        workers=args.workers, backend=backend, dataset=args.dataset, model=args.model,
+        steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
+        eval_every=args.eval_every, sampling=args.sampling, compute_time=args.compute_time,
+        latency=args.latency, bandwidth=args.bandwidth, timeout=args.timeout, out=args.out,
+        data_dir=args.data_dir,
+        progress=sys.stderr.isatty() if args.progress is None else args.progress)
+    result = run(cfg)
+    if result.summary:
+        print(format_summary(result.summary, str(result.out)))
+    return 0
+
+
+def format_summary(s: dict[str, Any], out: str) -> str:
+    def num(value: Any, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    hp = ", ".join(f"{k}={v}" for k, v in s["hyperparameters"].items()) or "none"
+    per_worker = s["bytes_sent"] / max(1, s["workers"])
+    lines = [
+        f"distsgd {s['algorithm']} ({hp})",
+        f"  {s['workers']} workers, backend {s['backend']}, {s['model']} on {s['dataset']}",
+        f"  steps {s['steps']} ({s['epochs']:.1f} epochs)",
+        f"  test accuracy       {num(s['test_accuracy'], '.4f')}",
+        f"  train loss          {num(s['train_loss'], '.4f')}",
+        f"  consensus distance  {num(s['consensus_distance'], '.4g')}",
+        f"  bytes sent          {s['bytes_sent'] / 1e6:.2f} MB ({per_worker / 1e6:.2f} MB/worker)",
+        f"  real time           {s['real_time_s']:.2f} s",
+        f"  virtual time        {num(s['virtual_time_s'], '.4f')} s",
+        f"  samples/s           {num(s['samples_per_s'], ',.0f')}",
+        f"  run folder          {out}",
+    ]
+    return "\n".join(lines)
+
+
+def describe_algorithms() -> str:
+    """Every algorithm with its paper, its hyperparameters, their defaults and meaning."""
+    out = []
+    for name in sorted(algorithms.REGISTRY):
+        cls = algorithms.REGISTRY[name]
+        kind = "synchronous" if cls.synchronous else "asynchronous"
+        out.append(f"{name}  [{kind}]\n  paper: {cls.paper}\n  sends: {cls.sends}")
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            low, high = meta.get("low"), meta.get("high")
+            limits = ""
+            if meta.get("choices"):
+                limits = f" (one of {', '.join(map(str, meta['choices']))})"
+            elif low is not None or high is not None:
+                lo = "-inf" if low is None else f"{low:g}"
+                hi = "inf" if high is None else f"{high:g}"
+                limits = f" (range {lo}..{hi})"
+            out.append(f"    --set {f.name}={f.default}  {meta.get('help', '')}{limits}")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="distsgd", description="Distributed SGD algorithms of the literature, "
+                     "in a deterministic simulator and on real torch.distributed processes.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _train_parser(sub)
+    sub.add_parser("list", help="every algorithm with its paper and hyperparameters")
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "list":
+            sys.stdout.write(describe_algorithms())
+            return 0
+        return _train(args)
+    except UsageError as e:
+        print(f"distsgd: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DistSGDError as e:
+        print(f"distsgd: run failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("distsgd: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> NoReturn:
+    sys.exit(main())
+
+
+

@@ -1,0 +1,56 @@
+"""A world of one: lets `DistributedOptimizer` run unchanged without any distributed setup."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from distsgd.comm.base import ByteCounter, Group
+
+
+class LocalComm:
+    """The `Comm` of a single worker: collectives are identities, point-to-point is an error."""
+
+    def __init__(self) -> None:
+        self._counter = ByteCounter()
+
+    rank = 0
+    world_size = 1
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        raise ValueError(f"dst={dst}: a world of one worker has no peer to send to")
+
+    def recv(self, out: torch.Tensor, src: int | None = None, timeout: float | None = None) -> int:
+        raise ValueError("a world of one worker has no peer to receive from")
+
+    def all_reduce_(self, tensor: torch.Tensor, group: Group | None = None,
+                    timeout: float | None = None) -> torch.Tensor:
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor, src: int, group: Group | None = None,
+                   timeout: float | None = None) -> torch.Tensor:
+        return tensor
+
+    def barrier(self, group: Group | None = None, timeout: float | None = None) -> None:
+        return None
+
+    def new_group(self, ranks: list[int] | tuple[int, ...]) -> Group:
+        return Group(tuple(ranks))
+
+    def elapse(self, seconds: float) -> None:
+        return None
+
+    def now(self) -> float | None:
+        return None
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._counter.total
+
+    @property
+    def bytes_by_verb(self) -> dict[str, int]:
+        return dict(self._counter.by_verb)
+
+    def uncounted(self) -> contextlib.AbstractContextManager[None]:
+        return self._counter.paused()

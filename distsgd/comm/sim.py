@@ -1,0 +1,425 @@
+"""SimWorld: N workers in one process, a virtual clock, and a model of the network.
+
+Each simulated worker is a thread, but only one runs at a time: a worker hands the baton back to the
+scheduler whenever it blocks or charges time, and the scheduler resumes the worker that can make
+progress at the smallest virtual time (ties by rank). This is a conservative discrete-event
+simulation: a message sent at virtual time t can never arrive before t, and no worker runs while
+another could still act at an earlier time, so an any-source ``recv`` always gets the message that
+arrives first in virtual time, and a run replays bit for bit.
+
+Network model (per link, defaults like 10 GbE): each worker has one NIC that sends one message at a
+time, so a message of b bytes sent at t leaves when the NIC is free, occupies it for b / bandwidth,
+and arrives latency later. That keeps per-pair FIFO order and charges a worker that pushes to many
+peers for its egress. Collectives cost what a ring all-reduce (or a binomial-tree broadcast) costs
+under the same model, and they synchronise the group's clocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from distsgd.comm.base import (
+    ByteCounter,
+    Group,
+    nbytes,
+    ring_allreduce_bytes,
+    set_current,
+    tree_broadcast_children,
+)
+from distsgd.errors import DeadlockError, WorkerFailure
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Link:
+    latency: float = 25e-6  # seconds, one way
+    bandwidth: float = 1.25e9  # bytes per second (10 Gbit/s)
+
+
+@dataclass(frozen=True)
+class NetworkModel:
+    """Latency and bandwidth, with optional per-link overrides keyed by (src, dst)."""
+
+    latency: float = 25e-6
+    bandwidth: float = 1.25e9
+    links: Mapping[tuple[int, int], Link] = field(default_factory=dict)
+    # Fixed cost of handing one message or collective to the transport (framing, syscalls).
+    overhead: float = 0.0
+
+    def link(self, src: int, dst: int) -> Link:
+        return self.links.get((src, dst)) or Link(self.latency, self.bandwidth)
+
+    def allreduce_time(self, size: int, n: int) -> float:
+        # Ring all-reduce: 2(n-1) rounds, each moving size/n bytes over one link.
+        if n <= 1:
+            return 0.0
+        return self.overhead + 2 * (n - 1) * (self.latency + size / n / self.bandwidth)
+
+    def broadcast_time(self, size: int, n: int) -> float:
+        if n <= 1:
+            return 0.0
+        return self.overhead + math.ceil(math.log2(n)) * (self.latency + size / self.bandwidth)
+
+
+class _Aborted(BaseException):
+    """Raised inside a worker thread to unwind it when the world stops (deadlock or failure)."""
+
+
+@dataclass
+class _Message:
+    arrival: float
+    seq: int
+    src: int
+    payload: torch.Tensor
+
+
+@dataclass
+class _Collective:
+    verb: str
+    group: tuple[int, ...]
+    arrived: dict[int, torch.Tensor] = field(default_factory=dict)
+    clocks: dict[int, float] = field(default_factory=dict)
+    src: int | None = None
+
+
+@dataclass
+class _Worker:
+    rank: int
+    go: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+    clock: float = 0.0
+    state: str = "ready"  # ready | recv | collective | done | failed
+    recv_src: int | None = None
+    collective: _Collective | None = None
+    inbox: list[_Message] = field(default_factory=list)
+    nic_free: float = 0.0
+    counter: ByteCounter = field(default_factory=ByteCounter)
+    result: Any = None
+    error: BaseException | None = None
+
+    def candidate(self) -> _Message | None:
+        """The first message (in virtual arrival order) that the pending recv would take."""
+        best = None
+        for m in self.inbox:
+            if self.recv_src is not None and m.src != self.recv_src:
+                continue
+            if best is None or (m.arrival, m.seq) < (best.arrival, best.seq):
+                best = m
+        return best
+
+    def describe(self) -> str:
+        if self.state == "recv":
+            who = "any sender" if self.recv_src is None else f"rank {self.recv_src}"
+            return f"rank {self.rank}: blocked in recv from {who} at t={self.clock:.6g}s"
+        if self.state == "collective" and self.collective is not None:
+            c = self.collective
+            return (f"rank {self.rank}: blocked in {c.verb} on group {list(c.group)} "
+                    f"({len(c.arrived)}/{len(c.group)} arrived) at t={self.clock:.6g}s")
+        return f"rank {self.rank}: {self.state} at t={self.clock:.6g}s"
+
+
+class SimWorld:
+    """N simulated workers; `run(fn)` calls ``fn(comm)`` on each and returns their results."""
+
+    def __init__(self, world_size: int, network: NetworkModel | None = None) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size={world_size} must be at least 1")
+        self.world_size = world_size
+        self.network = network or NetworkModel()
+        self._workers = [_Worker(r) for r in range(world_size)]
+        self._back = threading.Semaphore(0)
+        self._aborting = False
+        self._seq = 0
+        self._pending: dict[tuple[tuple[int, ...], int], _Collective] = {}
+        self._coll_count: dict[tuple[int, tuple[int, ...]], int] = {}
+        self.comms = [SimComm(self, r) for r in range(world_size)]
+
+    # ----------------------------------------------------------------- driving the run
+    def run(self, fn: Callable[[SimComm], T]) -> list[T]:
+        threads = [
+            threading.Thread(target=self._body, args=(fn, w), name=f"sim-worker-{w.rank}",
+                             daemon=True)
+            for w in self._workers
+        ]
+        for t in threads:
+            t.start()
+        failure: BaseException | None = None
+        try:
+            while True:
+                w = self._next()
+                if w is None:
+                    break
+                w.go.release()
+                self._back.acquire()
+                if w.state == "failed":
+                    failure = w.error
+                    break
+        finally:
+            self._abort_all()
+            for t in threads:
+                t.join()
+        if failure is not None:
+            raise self._wrap(failure)
+        blocked = [w for w in self._workers if w.state not in ("done", "failed")]
+        if blocked:
+            states = "; ".join(w.describe() for w in self._workers)
+            raise DeadlockError(f"every live simulated worker is blocked: {states}")
+        return [w.result for w in self._workers]
+
+    def _wrap(self, error: BaseException) -> BaseException:
+        rank = next(w.rank for w in self._workers if w.error is error)
+        if isinstance(error, (WorkerFailure, DeadlockError)) or not isinstance(error, Exception):
+            return error
+        # Errors of the user's own making (bad hyperparameters found in init) keep their type so
+        # the CLI reports them as such; anything else names the failing worker.
+        from distsgd.errors import UsageError
+
+        if isinstance(error, UsageError):
+            return error
+        wrapped = WorkerFailure(f"simulated worker {rank} failed at "
+                                f"t={self._workers[rank].clock:.6g}s: {error!r}")
+        wrapped.__cause__ = error
+        return wrapped
+
+    def _body(self, fn: Callable[[SimComm], Any], w: _Worker) -> None:
+        w.go.acquire()
+        if self._aborting:
+            return
+        set_current(self.comms[w.rank])
+        try:
+            w.result = fn(self.comms[w.rank])
+            w.state = "done"
+        except _Aborted:
+            return
+        except BaseException as e:  # noqa: BLE001 - reported to the caller of run()
+            w.error = e
+            w.state = "failed"
+        finally:
+            set_current(None)
+        self._back.release()
+
+    def _key(self, w: _Worker) -> tuple[float, int] | None:
+        if w.state == "ready":
+            return (w.clock, w.rank)
+        if w.state == "recv":
+            m = w.candidate()
+            if m is not None:
+                return (max(w.clock, m.arrival), w.rank)
+        return None
+
+    def _next(self) -> _Worker | None:
+        best, best_key = None, None
+        for w in self._workers:
+            k = self._key(w)
+            if k is not None and (best_key is None or k < best_key):
+                best, best_key = w, k
+        return best
+
+    def _abort_all(self) -> None:
+        self._aborting = True
+        for w in self._workers:
+            if w.state in ("ready", "recv", "collective"):
+                w.go.release()
+
+    # ------------------------------------------------------------ called from workers
+    def _yield(self, w: _Worker) -> None:
+        """Hand the baton to the scheduler and wait until this worker is chosen again."""
+        self._back.release()
+        w.go.acquire()
+        if self._aborting:
+            raise _Aborted()
+
+    def _is_next(self, w: _Worker) -> bool:
+        """True when no other worker could act before `w`: then yielding would only cost time."""
+        key = (w.clock, w.rank)
+        for o in self._workers:
+            if o is not w:
+                k = self._key(o)
+                if k is not None and k < key:
+                    return False
+        return True
+
+    def clocks(self) -> list[float]:
+        return [w.clock for w in self._workers]
+
+    def bytes_sent(self) -> list[int]:
+        return [w.counter.total for w in self._workers]
+
+    def deliver(self, src: int, dst: int, payload: torch.Tensor) -> None:
+        sender = self._workers[src]
+        link = self.network.link(src, dst)
+        size = nbytes(payload)
+        start = max(sender.clock + self.network.overhead, sender.nic_free)
+        sender.nic_free = start + size / link.bandwidth
+        self._seq += 1
+        self._workers[dst].inbox.append(
+            _Message(sender.nic_free + link.latency, self._seq, src, payload))
+        sender.counter.add("send", size)
+
+    def recv(self, rank: int, out: torch.Tensor, src: int | None) -> int:
+        w = self._workers[rank]
+        w.state, w.recv_src = "recv", src
+        while True:
+            m = w.candidate()
+            if m is not None and (w.clock >= m.arrival or self._is_next_at(w, m.arrival)):
+                break
+            self._yield(w)
+        w.state, w.recv_src = "ready", None
+        w.inbox.remove(m)
+        w.clock = max(w.clock, m.arrival)
+        if m.payload.shape != out.shape or m.payload.dtype != out.dtype:
+            raise ValueError(
+                f"rank {rank} received a {m.payload.dtype} tensor of shape "
+                f"{tuple(m.payload.shape)} from rank {m.src} into a {out.dtype} buffer of shape "
+                f"{tuple(out.shape)}; sender and receiver must agree on the message layout")
+        out.copy_(m.payload)
+        return m.src
+
+    def _is_next_at(self, w: _Worker, t: float) -> bool:
+        key = (t, w.rank)
+        return all(o is w or (k := self._key(o)) is None or k >= key for o in self._workers)
+
+    def elapse(self, rank: int, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"elapse({seconds}): time cannot run backwards")
+        w = self._workers[rank]
+        w.clock += seconds
+        if not self._is_next(w):
+            self._yield(w)
+
+    def collective(self, rank: int, verb: str, tensor: torch.Tensor, group: tuple[int, ...],
+                   src: int | None = None) -> None:
+        if rank not in group:
+            raise ValueError(f"rank {rank} called {verb} on group {list(group)} it is not in")
+        w = self._workers[rank]
+        index = self._coll_count.get((rank, group), 0)
+        self._coll_count[(rank, group)] = index + 1
+        c = self._pending.setdefault((group, index), _Collective(verb, group, src=src))
+        if c.verb != verb or c.src != src:
+            raise ValueError(f"collective mismatch on group {list(group)}: rank {rank} called "
+                             f"{verb} while others called {c.verb}")
+        c.arrived[rank], c.clocks[rank] = tensor, w.clock
+        if len(c.arrived) < len(group):
+            w.state, w.collective = "collective", c
+            while w.state == "collective":
+                self._yield(w)
+            return
+        del self._pending[(group, index)]
+        self._complete(c)
+        if not self._is_next(w):
+            self._yield(w)
+
+    def _complete(self, c: _Collective) -> None:
+        tensors = [c.arrived[r] for r in c.group]
+        shapes = {(tuple(t.shape), t.dtype) for t in tensors}
+        if len(shapes) != 1:
+            raise ValueError(f"{c.verb} on group {list(c.group)} got mismatched tensors {shapes}")
+        size, n = nbytes(tensors[0]), len(c.group)
+        if c.verb == "all_reduce":
+            total = tensors[0].clone()
+            for t in tensors[1:]:  # rank order: deterministic summation
+                total.add_(t)
+            for t in tensors:
+                t.copy_(total)
+            cost = self.network.allreduce_time(size, n)
+            for r in c.group:
+                self._workers[r].counter.add("all_reduce", ring_allreduce_bytes(size, n))
+        elif c.verb == "broadcast":
+            assert c.src is not None
+            root = c.arrived[c.src]
+            for t in tensors:
+                if t is not root:
+                    t.copy_(root)
+            cost = self.network.broadcast_time(size, n)
+            pos = {r: (i - c.group.index(c.src)) % n for i, r in enumerate(c.group)}
+            for r in c.group:
+                self._workers[r].counter.add("broadcast", size * tree_broadcast_children(pos[r], n))
+        else:  # barrier
+            cost = self.network.allreduce_time(0, n)
+        end = max(c.clocks.values()) + cost
+        for r in c.group:
+            o = self._workers[r]
+            o.clock = end
+            if o.state == "collective":
+                o.state, o.collective = "ready", None
+
+
+class SimComm:
+    """One simulated worker's `Comm`; blocking verbs never block in real time."""
+
+    def __init__(self, world: SimWorld, rank: int) -> None:
+        self._world = world
+        self._rank = rank
+        self._everyone = Group(tuple(range(world.world_size)))
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world.world_size
+
+    @property
+    def _counter(self) -> ByteCounter:
+        return self._world._workers[self._rank].counter
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._counter.total
+
+    @property
+    def bytes_by_verb(self) -> dict[str, int]:
+        return dict(self._counter.by_verb)
+
+    def uncounted(self) -> contextlib.AbstractContextManager[None]:
+        return self._counter.paused()
+
+    def _check_peer(self, peer: int, what: str) -> None:
+        if not 0 <= peer < self.world_size or peer == self._rank:
+            raise ValueError(f"{what}={peer} is not another rank of a world of {self.world_size}")
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        self._check_peer(dst, "dst")
+        self._world.deliver(self._rank, dst, tensor.detach().clone())
+
+    def recv(self, out: torch.Tensor, src: int | None = None, timeout: float | None = None) -> int:
+        if src is not None:
+            self._check_peer(src, "src")
+        return self._world.recv(self._rank, out, src)
+
+    def _group(self, group: Group | None) -> tuple[int, ...]:
+        return (group or self._everyone).ranks
+
+    def all_reduce_(self, tensor: torch.Tensor, group: Group | None = None,
+                    timeout: float | None = None) -> torch.Tensor:
+        self._world.collective(self._rank, "all_reduce", tensor, self._group(group))
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor, src: int, group: Group | None = None,
+                   timeout: float | None = None) -> torch.Tensor:
+        self._world.collective(self._rank, "broadcast", tensor, self._group(group), src=src)
+        return tensor
+
+    def barrier(self, group: Group | None = None, timeout: float | None = None) -> None:
+        self._world.collective(self._rank, "barrier", torch.empty(0), self._group(group))
+
+    def new_group(self, ranks: list[int] | tuple[int, ...]) -> Group:
+        ranks = tuple(ranks)
+        if len(set(ranks)) != len(ranks) or any(not 0 <= r < self.world_size for r in ranks):
+            raise ValueError(f"new_group({list(ranks)}): ranks must be distinct members of "
+                             f"0..{self.world_size - 1}")
+        return Group(ranks)
+
+    def elapse(self, seconds: float) -> None:
+        self._world.elapse(self._rank, seconds)
+
+    def now(self) -> float | None:
+        return self._world._workers[self._rank].clock

@@ -1,0 +1,48 @@
+"""The errors distsgd raises on purpose; the CLI turns `UsageError` into exit status 2."""
+
+from __future__ import annotations
+
+import math
+
+
+class DistSGDError(Exception):
+    """Base class of every error distsgd raises deliberately."""
+
+
+class UsageError(DistSGDError, ValueError):
+    """Bad input from the user: an unknown name, a value out of range, missing data.
+
+    The message names the problem and the valid choices; the CLI prints it and exits with status 2.
+    """
+
+
+class CommTimeout(DistSGDError, TimeoutError):
+    """A blocking communication verb waited longer than its timeout."""
+
+
+class DeadlockError(DistSGDError, RuntimeError):
+    """The simulator found every live worker blocked; the message names each worker's state."""
+
+
+class WorkerFailure(DistSGDError, RuntimeError):
+    """A worker (process or simulated thread) failed; the message names the rank and the cause."""
+
+
+def check_range(
+    name: str, value: float, low: float | None = None, high: float | None = None,
+    *, low_open: bool = False, high_open: bool = False, meaning: str = "",
+) -> None:
+    """Raise `UsageError` naming `name` and its valid range when `value` falls outside it."""
+    bad = (
+        math.isnan(value)
+        or (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and (value >= high if high_open else value > high))
+    )
+    if bad:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
+        why = f" ({meaning})" if meaning else ""
+        raise UsageError(f"{name}={value!r} is out of range: valid values lie in "
+                         f"{left}{lo}, {hi}{right}{why}")

@@ -1,0 +1,83 @@
+"""What a run measures, and the run folder it is written to.
+
+    RUN/config.json     everything needed to rerun the job
+    RUN/metrics.jsonl   one JSON object per evaluation, appended (and flushed) as the run goes
+    RUN/summary.json    the final figures
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+# Fields every metrics line has (DESIGN.md); algorithms may add more (e.g. staleness).
+METRIC_FIELDS = ("step", "epoch", "samples", "real_time_s", "virtual_time_s", "train_loss",
+                 "test_loss", "test_accuracy", "consensus_distance", "bytes_sent")
+SUMMARY_FIELDS = ("algorithm", "hyperparameters", "backend", "workers", "steps", "epochs",
+                  "test_accuracy", "test_loss", "train_loss", "consensus_distance", "bytes_sent",
+                  "bytes_sent_per_worker", "real_time_s", "virtual_time_s", "samples_per_s")
+
+
+def default_run_dir(algorithm: str, root: str | Path = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{stamp}-{algorithm}"
+    suffix = 1
+    while path.exists():  # two runs started in the same second get distinct folders
+        suffix += 1
+        path = Path(root) / f"{stamp}-{algorithm}-{suffix}"
+    return path
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null rather than invalid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json(self.path / "config.json", config)
+
+    def start_metrics(self) -> None:
+        self.metrics_path.write_text("")
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(_clean(record)) + "\n")
+            f.flush()
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.path / "summary.json", summary)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    lines = Path(path, "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def read_summary(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path, "summary.json").read_text())

@@ -1,0 +1,111 @@
+"""`DistributedOptimizer`: a user's model and torch optimizer, trained by a distributed algorithm.
+
+    opt = distsgd.DistributedOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                       algorithm=distsgd.SGP())
+    for x, y in loader:
+        loss_fn(model(x), y).backward()
+        opt.step()              # after_backward hook, local step, after_step hook
+        opt.zero_grad()
+    model_for_eval = opt.consensus_model()   # collective: every worker calls it
+
+The communicator comes from the run (the simulator or the process launcher sets one per worker),
+else from torchrun's environment, else it is a world of one, where every algorithm is plain SGD.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from distsgd import algorithms
+from distsgd.algorithms.base import Algorithm, WorkerContext
+from distsgd.comm.base import Comm, current
+from distsgd.comm.local import LocalComm
+
+
+def default_comm() -> Comm:
+    comm = current()
+    if comm is not None:
+        return comm
+    from distsgd import launch  # torch.distributed is touched only when a real run asks for it
+
+    return launch.from_torchrun_env() or LocalComm()
+
+
+def split_roles(algorithm: Algorithm, world_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(server ranks, worker ranks): servers take the first ranks of the world."""
+    for workers in range(world_size, 0, -1):
+        servers = algorithm.servers(workers)
+        if workers + servers == world_size:
+            return tuple(range(servers)), tuple(range(servers, world_size))
+    raise ValueError(f"{algorithm.name} cannot split a world of {world_size} ranks into "
+                     "servers and workers")
+
+
+class DistributedOptimizer:
+    """Wraps ``optimizer`` so that `step` runs the algorithm's hooks around the local step."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer,
+        algorithm: Algorithm | str = "allreduce", *, comm: Comm | None = None, seed: int = 0,
+        sync_init: bool = True,
+    ) -> None:
+        self.algorithm = algorithms.create(algorithm) if isinstance(algorithm, str) else algorithm
+        self.optimizer = optimizer
+        comm = comm or default_comm()
+        servers, workers = split_roles(self.algorithm, comm.world_size)
+        if comm.rank in servers:
+            raise ValueError(f"rank {comm.rank} is a server of {self.algorithm.name}; servers run "
+                             "the algorithm's serve loop, not an optimizer")
+        self.ctx = WorkerContext(comm, model, optimizer, workers, servers, seed=seed)
+        if sync_init and len(workers) > 1:
+            # Like DDP: every worker starts from worker 0's model, whatever each one initialised.
+            x = self.ctx.flat.get()
+            comm.broadcast_(x, workers[0], group=self.ctx.workers_group)
+            self.ctx.flat.set_(x)
+        self.state: Any = self.algorithm.init(self.ctx)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def step(self) -> None:
+        self.algorithm.after_backward(self.ctx, self.state)
+        self.optimizer.step()
+        self.algorithm.after_step(self.ctx, self.state)
+        self.ctx.step += 1
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def consensus_state(self) -> torch.Tensor:
+        """The flat state of the evaluated model (collective over the workers, not counted)."""
+        vector, weight = self.algorithm.evaluated(self.ctx, self.state)
+        message = torch.cat([vector.double() * weight, torch.tensor([weight], dtype=torch.float64)])
+        with self.ctx.comm.uncounted():
+            self.ctx.comm.all_reduce_(message, group=self.ctx.workers_group)
+        return (message[:-1] / message[-1]).to(vector.dtype)
+
+    def consensus_model(self) -> nn.Module:
+        """A copy of the model holding the evaluated model: the workers' average, the center
+        variable or the server's parameters, as the algorithm defines it. Collective."""
+        model = copy.deepcopy(self.ctx.model)
+        type(self.ctx.flat)(model).set_(self.consensus_state())
+        return model
+
+    def consensus_distance(self) -> float:
+        """Mean over workers of ||x_i − x̄|| (collective over the workers, not counted)."""
+        x = self.ctx.flat.get()
+        mean = x.double().clone()
+        with self.ctx.comm.uncounted():
+            self.ctx.comm.all_reduce_(mean, group=self.ctx.workers_group)
+            mean.div_(self.ctx.workers)
+            dist = torch.linalg.vector_norm(x.double() - mean).reshape(1)
+            self.ctx.comm.all_reduce_(dist, group=self.ctx.workers_group)
+        return float(dist) / self.ctx.workers
+
+
+

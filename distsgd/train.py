@@ -1,0 +1,243 @@
+"""THE training loop: one worker's life, the same on every backend.
+
+Read it top to bottom in `worker_loop`: build the model and the shard, wrap the optimizer in
+`DistributedOptimizer`, then step, charging the compute time to the communicator (virtual time in
+the simulator, nothing on real hardware) and publishing the state every ``eval_every`` steps to an
+observer that evaluates the consensus model without disturbing the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from distsgd import algorithms, data, models
+from distsgd.algorithms.base import Algorithm, WorkerContext
+from distsgd.comm.base import Comm
+from distsgd.errors import UsageError, check_range
+from distsgd.optimizer import DistributedOptimizer, split_roles
+
+BACKENDS = ("sim", "processes", "torchrun")
+SAMPLINGS = ("shard", "iid")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training job. Every field is a command-line flag of `distsgd train`."""
+
+    algorithm: str = "allreduce"
+    hyperparameters: dict[str, Any] = field(default_factory=dict)  # typed, or text from --set
+    workers: int = 4
+    backend: str = "sim"  # sim: simulated workers in this process; processes: one per worker
+    dataset: str = "digits"
+    model: str | None = None  # None: the dataset's default (cnn for images, mlp otherwise)
+    steps: int | None = None  # steps per worker; None: from epochs
+    epochs: float | None = None  # passes over the training set by all workers together
+    batch_size: int = 32  # per worker
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    eval_every: int | None = None  # None: about ten evaluations per run
+    sampling: str = "shard"  # shard: disjoint shards; iid: each worker samples the whole set
+    compute_time: str = "flops"  # flops[:RATE], measured, or fixed seconds per step
+    latency: float = 25e-6  # simulated network, seconds
+    bandwidth: float = 1.25e9  # simulated network, bytes per second
+    timeout: float = 120.0  # seconds any blocking operation may wait on real processes
+    out: str | None = None  # run folder; None: runs/<timestamp>-<algorithm>
+    data_dir: str | None = None  # dataset cache; None: $DISTSGD_DATA or ~/.cache/distsgd
+    progress: bool = False  # a progress bar on stderr
+
+    DEFAULT_EPOCHS = 30.0
+
+    @classmethod
+    def create(cls, **options: Any) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise UsageError(f"unknown option {unknown[0]!r}; valid options: {', '.join(sorted(names))}")
+        cfg = cls(**options)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Validate every field up front, naming the bad one and its valid values."""
+        algorithms.get(self.algorithm)
+        check_range("workers", self.workers, 1)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("dataset", self.dataset, data.DATASETS)
+        if self.model is not None:
+            _choice("model", self.model, models.MODELS)
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError("give either steps or epochs, not both")
+        if self.steps is not None:
+            check_range("steps", self.steps, 1)
+        if self.epochs is not None:
+            check_range("epochs", self.epochs, 0, low_open=True)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("lr", self.lr, 0)
+        check_range("momentum", self.momentum, 0, 1, high_open=True)
+        check_range("weight_decay", self.weight_decay, 0)
+        if self.eval_every is not None:
+            check_range("eval_every", self.eval_every, 1)
+        _choice("sampling", self.sampling, SAMPLINGS)
+        ComputeModel.parse(self.compute_time)
+        check_range("latency", self.latency, 0)
+        check_range("bandwidth", self.bandwidth, 0, low_open=True)
+        check_range("timeout", self.timeout, 0, low_open=True)
+        self.make_algorithm()
+
+    def make_algorithm(self) -> Algorithm:
+        typed = {k: v for k, v in self.hyperparameters.items() if not isinstance(v, str)}
+        text = {k: v for k, v in self.hyperparameters.items() if isinstance(v, str)}
+        return algorithms.create(self.algorithm, text, **typed)
+
+    @property
+    def model_name(self) -> str:
+        return self.model or models.default_model(self.dataset)
+
+    def world_size(self) -> int:
+        algorithm = self.make_algorithm()
+        return self.workers + algorithm.servers(self.workers)
+
+    def total_steps(self, dataset: data.Dataset) -> int:
+        if self.steps is not None:
+            return self.steps
+        epochs = self.epochs if self.epochs is not None else self.DEFAULT_EPOCHS
+        return max(1, math.ceil(epochs * data.steps_per_epoch(dataset, self.workers,
+                                                              self.batch_size)))
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["hyperparameters"] = dataclasses.asdict(self.make_algorithm())
+        return out
+
+
+def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise UsageError(f"unknown {name} {value!r}; valid choices: {', '.join(valid)}")
+
+
+@dataclass(frozen=True)
+class ComputeModel:
+    """How long one step's computation takes in virtual time.
+
+    flops: 3 × forward FLOPs × batch / rate (backward ≈ 2 × forward), deterministic, the default
+    because it keeps simulated runs reproducible; measured: the real forward/backward/step time of
+    that worker; fixed: the same number of seconds for every step.
+    """
+
+    mode: str
+    value: float = 0.0
+
+    DEFAULT_RATE = 1e10  # FLOP/s: about one CPU core
+
+    @classmethod
+    def parse(cls, text: str) -> ComputeModel:
+        head, _, tail = text.partition(":")
+        try:
+            if head == "flops":
+                rate = float(tail) if tail else cls.DEFAULT_RATE
+                check_range("compute_time flops rate", rate, 0, low_open=True)
+                return cls("flops", rate)
+            if head == "measured" and not tail:
+                return cls("measured")
+            seconds = float(text)
+        except ValueError:
+            seconds = -1.0
+        if seconds < 0 or math.isnan(seconds):
+            raise UsageError(f"compute_time={text!r} is not valid; valid values: 'flops', "
+                             "'flops:RATE' (FLOP/s), 'measured', or seconds per step (>= 0)")
+        return cls("fixed", seconds)
+
+    def step_seconds(self, flops_per_sample: int, batch: int, measured: float) -> float:
+        if self.mode == "flops":
+            return 3.0 * flops_per_sample * batch / self.value
+        if self.mode == "measured":
+            return measured
+        return self.value
+
+
+@dataclass
+class Contribution:
+    """What one worker publishes at an evaluation point."""
+
+    params: torch.Tensor  # its model (for the consensus distance)
+    evaluated: torch.Tensor  # its share of the evaluated model
+    weight: float
+    loss_sum: float
+    loss_count: int
+    bytes_sent: int
+    clock: float | None
+
+
+Publish = Callable[[int, WorkerContext, Contribution], None]  # (step, worker, contribution)
+
+
+@dataclass
+class WorkerResult:
+    rank: int
+    steps: int
+    state: torch.Tensor  # the final flat model of this worker
+    evaluated: torch.Tensor
+    bytes_by_verb: dict[str, int]
+    virtual_time_s: float | None
+
+
+def eval_steps(cfg: RunConfig, total: int) -> set[int]:
+    every = cfg.eval_every or max(1, total // 10)
+    return {0, total, *range(every, total, every)}
+
+
+def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, publish: Publish,
+                on_step: Callable[[int], None] | None = None) -> WorkerResult:
+    """One worker's training run; `publish` receives its state at every evaluation point."""
+    algorithm = cfg.make_algorithm()
+    servers, workers = split_roles(algorithm, comm.world_size)
+    torch.manual_seed(cfg.seed)  # every worker builds the same initial model
+    model = models.build(cfg.model_name, dataset.input_shape, dataset.num_classes)
+    if comm.rank in servers:
+        raise NotImplementedError("server roles arrive with the asynchronous algorithms")
+    index = workers.index(comm.rank)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    opt = DistributedOptimizer(model, optimizer, algorithm, comm=comm, seed=cfg.seed)
+    batches = data.batches(dataset, index, len(workers), cfg.batch_size, cfg.seed, cfg.sampling)
+    compute = ComputeModel.parse(cfg.compute_time)
+    flops = models.forward_flops(model, dataset.input_shape)
+    total = cfg.total_steps(dataset)
+    evals = eval_steps(cfg, total)
+    loss_sum, loss_count = 0.0, 0
+
+    def share(step: int) -> None:
+        nonlocal loss_sum, loss_count
+        vector, weight = algorithm.evaluated(opt.ctx, opt.state)
+        publish(step, opt.ctx, Contribution(opt.ctx.flat.get(), vector, weight, loss_sum,
+                                          loss_count, comm.bytes_sent, comm.now()))
+        loss_sum, loss_count = 0.0, 0
+
+    share(0)
+    model.train()
+    for step in range(1, total + 1):
+        x, y = next(batches)
+        started = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        comm.elapse(compute.step_seconds(flops, len(y), time.perf_counter() - started))
+        opt.step()
+        opt.zero_grad()
+        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+        if on_step is not None:
+            on_step(step)
+        if step in evals:
+            share(step)
+    vector, _ = algorithm.evaluated(opt.ctx, opt.state)
+    return WorkerResult(comm.rank, total, opt.ctx.flat.get(), vector, comm.bytes_by_verb,
+                        comm.now())
