@@ -11,7 +11,7 @@ from distsgd.algorithms.local_sgd import LocalSGD
 from distsgd.algorithms.sgp import SGP
 from distsgd.comm.base import Comm, Group
 from distsgd.errors import CommTimeout, DeadlockError, UsageError, WorkerFailure
-from distsgd.optimizer import DistributedOptimizer
+from distsgd.optimizer import DistributedOptimizer, is_server, serve
 from distsgd.runtime import RunResult
 from distsgd.train import RunConfig
 
@@ -36,6 +36,6 @@ def train(**options: object) -> RunResult:
 __all__ = [
     "EASGD", "REGISTRY", "SGP", "AllReduce", "Algorithm", "Comm", "CommTimeout", "Crossover",
     "DeadlockError", "DistributedOptimizer", "Group", "LocalSGD", "RunConfig", "RunResult",
-    "UsageError", "WorkerContext",
+    "UsageError", "WorkerContext", "is_server", "serve",
     "WorkerFailure", "create", "hyperparameter", "register", "train",
 ]

@@ -48,7 +48,8 @@ def _train_parser(sub: Any) -> None:
     length.add_argument("--epochs", type=float, default=None,
                         help=f"passes over the training set (default {RunConfig.DEFAULT_EPOCHS:g})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per worker")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the algorithm's, see `distsgd list`)")
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -127,7 +128,8 @@ def describe_algorithms() -> str:
     for name in sorted(algorithms.REGISTRY):
         cls = algorithms.REGISTRY[name]
         kind = "synchronous" if cls.synchronous else "asynchronous"
-        out.append(f"{name}  [{kind}]\n  paper: {cls.paper}\n  sends: {cls.sends}")
+        out.append(f"{name}  [{kind}]\n  paper: {cls.paper}\n  sends: {cls.sends}\n"
+                   f"  default lr: {cls().default_lr():g}")
         for f in dataclasses.fields(cls):
             meta = f.metadata
             low, high = meta.get("low"), meta.get("high")

@@ -1,19 +1,24 @@
 """Evaluating a run without disturbing it: the consensus model, its accuracy, the drift.
 
-Workers publish their state at evaluation points (`train.worker_loop`). Two observers turn the
-publications into one metrics line each:
+An observer decides how long a worker trains and when its state is evaluated
+(`train.worker_loop` asks it before and after every step):
 
-- `SimObserver` (simulator): every worker lives in this process, so it just collects the copies and
-  evaluates once the last worker has published. Nothing blocks, no virtual time passes and no byte
-  is counted, so evaluating never changes a simulated run.
-- `CollectiveObserver` (real processes): two all-reduces over the workers, outside the byte counts;
-  worker 0 evaluates and writes. Real runs pause while worker 0 evaluates; their wall-clock figures
-  include that pause.
+- `SimObserver` (simulator, synchronous algorithms): every worker lives in this process, so it
+  collects each worker's copy of step k and evaluates once the last one has arrived.
+- `BudgetObserver` (simulator, asynchronous algorithms): a shared budget of steps, and evaluations
+  at points of global progress, read in place from every worker.
+- `CollectiveObserver` (real processes): two all-reduces over the workers at step k, outside the
+  byte counts; worker 0 evaluates and writes. Real runs pause while worker 0 evaluates; their
+  wall-clock figures include that pause.
+
+In the simulator nothing an observer does blocks, takes virtual time or counts bytes, so evaluating
+never changes a run.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,7 +26,7 @@ import torch
 from distsgd import data, mixing, models
 from distsgd.algorithms.base import WorkerContext
 from distsgd.flat import FlatState
-from distsgd.metrics import RunFolder
+from distsgd.metrics import METRIC_FIELDS, RunFolder
 from distsgd.train import Contribution, RunConfig
 
 
@@ -37,9 +42,26 @@ class Evaluator:
         self.flat = FlatState(self.model)
         self.records: list[dict[str, Any]] = []
         self.listeners: list[Any] = []  # callables given each record (the progress display)
+        self.loss_sum, self.loss_count = 0.0, 0  # totals at the previous record
+
+    def record_all(self, step: int, parts: list[Contribution], now: float | None) -> None:
+        """Evaluate from every worker's contribution (in worker order: deterministic sums)."""
+        consensus = mixing.weighted_average([p.evaluated for p in parts],
+                                            [p.weight for p in parts])
+        distance = mixing.consensus_distance([p.params.double() for p in parts])
+        clocks = [p.clock for p in parts if p.clock is not None]
+        if now is None and clocks:
+            now = max(clocks)
+        self.record(step, consensus, distance, sum(p.loss_sum for p in parts),
+                    sum(p.loss_count for p in parts), [p.bytes_sent for p in parts], now,
+                    parts[0].extra)
 
     def record(self, step: int, consensus: torch.Tensor, distance: float, loss_sum: float,
-               loss_count: int, bytes_per_worker: list[int], virtual_time: float | None) -> None:
+               loss_count: int, bytes_per_worker: list[int], virtual_time: float | None,
+               extra: dict[str, Any]) -> None:
+        """One metrics line; `loss_sum` and `loss_count` are totals since the start."""
+        loss_sum, self.loss_sum = loss_sum - self.loss_sum, loss_sum
+        loss_count, self.loss_count = loss_count - self.loss_count, loss_count
         self.flat.set_(consensus.to(self.flat.dtype))
         accuracy, test_loss = data.evaluate(self.model, self.dataset)
         samples = step * self.cfg.workers * self.cfg.batch_size
@@ -55,6 +77,7 @@ class Evaluator:
             "consensus_distance": distance,
             "bytes_sent": int(sum(bytes_per_worker)),
             "bytes_sent_per_worker": [int(b) for b in bytes_per_worker],
+            **extra,
         }
         self.records.append(rec)
         if self.folder is not None:
@@ -89,36 +112,88 @@ class Evaluator:
             "virtual_time_s": last["virtual_time_s"],
             # Throughput in the time that matters for the backend: modelled in the simulator.
             "samples_per_s": last["samples"] / elapsed if elapsed else None,
+            **{k: v for k, v in last.items() if k not in METRIC_FIELDS and k not in (
+                "bytes_sent_per_worker")},
         }
 
 
-class SimObserver:
-    """Collects every simulated worker's publication; evaluates when the last one arrives."""
+Snapshot = Callable[[], Contribution]
 
-    def __init__(self, evaluator: Evaluator, workers: int) -> None:
+
+class StepObserver:
+    """Each worker takes `total` steps and publishes at the evaluation steps (both backends)."""
+
+    def __init__(self, total: int, evals: set[int]) -> None:
+        self.total, self.evals = total, evals
+
+    def begin(self, ctx: WorkerContext, snapshot: Snapshot) -> None:
+        self.publish(0, ctx, snapshot())
+
+    def take(self, ctx: WorkerContext, done: int) -> bool:
+        return done < self.total
+
+    def stepped(self, ctx: WorkerContext, done: int, snapshot: Snapshot) -> None:
+        if done in self.evals:
+            self.publish(done, ctx, snapshot())
+
+    def publish(self, step: int, ctx: WorkerContext, c: Contribution) -> None:
+        raise NotImplementedError
+
+
+class SimObserver(StepObserver):
+    """Collects every simulated worker's copy of step k; evaluates when the last one arrives."""
+
+    def __init__(self, evaluator: Evaluator, workers: int, evals: set[int]) -> None:
+        super().__init__(evaluator.total, evals)
         self.evaluator, self.workers = evaluator, workers
         self.pending: dict[int, dict[int, Contribution]] = {}
 
     def publish(self, step: int, ctx: WorkerContext, c: Contribution) -> None:
         got = self.pending.setdefault(step, {})
         got[ctx.index] = c
-        if len(got) < self.workers:
-            return
-        del self.pending[step]
-        parts = [got[i] for i in range(self.workers)]  # worker order: deterministic sums
-        consensus = mixing.weighted_average([p.evaluated for p in parts],
-                                            [p.weight for p in parts])
-        distance = mixing.consensus_distance([p.params.double() for p in parts])
-        clocks = [p.clock for p in parts if p.clock is not None]
-        self.evaluator.record(step, consensus, distance, sum(p.loss_sum for p in parts),
-                              sum(p.loss_count for p in parts), [p.bytes_sent for p in parts],
-                              max(clocks) if clocks else None)
+        if len(got) == self.workers:
+            del self.pending[step]
+            self.evaluator.record_all(step, [got[i] for i in range(self.workers)], None)
 
 
-class CollectiveObserver:
+class BudgetObserver:
+    """Asynchronous algorithms in the simulator: the workers share one budget of N × steps steps,
+    so a fast worker takes more of them than a straggler, as it would on a real cluster. Every
+    N × eval_every steps taken in all, the observer reads every worker's state in place (all other
+    workers are suspended: a consistent cut, at no virtual time and no bytes)."""
+
+    def __init__(self, evaluator: Evaluator, workers: int, evals: set[int]) -> None:
+        self.evaluator, self.workers = evaluator, workers
+        self.budget = workers * evaluator.total
+        self.marks = {workers * e for e in evals}
+        self.taken = 0
+        self.snapshots: dict[int, Snapshot] = {}
+
+    def begin(self, ctx: WorkerContext, snapshot: Snapshot) -> None:
+        self.snapshots[ctx.index] = snapshot
+        if len(self.snapshots) == self.workers:
+            self._record(ctx)
+
+    def take(self, ctx: WorkerContext, done: int) -> bool:
+        if self.taken >= self.budget:
+            return False
+        self.taken += 1
+        return True
+
+    def stepped(self, ctx: WorkerContext, done: int, snapshot: Snapshot) -> None:
+        if self.taken in self.marks:
+            self._record(ctx)
+
+    def _record(self, ctx: WorkerContext) -> None:
+        parts = [self.snapshots[i]() for i in range(self.workers)]
+        self.evaluator.record_all(self.taken // self.workers, parts, ctx.comm.now())
+
+
+class CollectiveObserver(StepObserver):
     """Aggregates the workers' publications with all-reduces; worker 0 evaluates."""
 
-    def __init__(self, evaluator: Evaluator | None) -> None:
+    def __init__(self, evaluator: Evaluator | None, total: int, evals: set[int]) -> None:
+        super().__init__(total, evals)
         self.evaluator = evaluator  # only on worker 0
 
     def publish(self, step: int, ctx: WorkerContext, c: Contribution) -> None:
@@ -136,4 +211,5 @@ class CollectiveObserver:
         if self.evaluator is not None:
             consensus = states[size:] / scalars[0]
             self.evaluator.record(step, consensus, float(scalars[3]) / n, float(scalars[1]),
-                                  int(scalars[2]), [int(b) for b in scalars[4:]], c.clock)
+                                  int(scalars[2]), [int(b) for b in scalars[4:]], c.clock,
+                                  c.extra)

@@ -90,3 +90,46 @@ def unpack_weight(t: torch.Tensor) -> float:
 def weight_slots(dtype: torch.dtype) -> int:
     """How many elements of `dtype` a packed float64 weight occupies."""
     return 8 // torch.empty(0, dtype=dtype).element_size()
+
+
+_INDEX_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def top_k(vector: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, values) of the k entries of largest magnitude, indices ascending."""
+    indices = torch.topk(vector.abs(), k, sorted=False).indices.sort().values
+    return indices, vector[indices]
+
+
+def pack_sparse(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One message of the values followed by their indices, reinterpreted in the values' dtype.
+
+    A sparse push of k entries then costs k × (value + index) bytes: 8 per entry in float32.
+    """
+    index_dtype = _INDEX_DTYPE[values.element_size()]
+    return torch.cat([values, indices.to(index_dtype).view(values.dtype)])
+
+
+def unpack_sparse(payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) from `pack_sparse`'s message."""
+    k = payload.numel() // 2
+    index_dtype = _INDEX_DTYPE[payload.element_size()]
+    return payload[:k], payload[k:].clone().view(index_dtype).long()
+
+
+def densify(indices: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
+    dense = torch.zeros(numel, dtype=values.dtype)
+    dense[indices] = values
+    return dense
+
+
+def nesterov_gradient(
+    grad: torch.Tensor, buffer: torch.Tensor, delta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nesterov momentum as a modified gradient for a plain SGD step (torch's formulation).
+
+    b ← δ b + g and g' ← g + δ b, so that x ← x − η g' is EAMSGD's v ← δ v − η ∇f(x + δ v),
+    x ← x + v written in the look-ahead variable x + δ v. With δ = 0 it returns g itself.
+    """
+    buffer = buffer.mul(delta).add_(grad)
+    return grad + delta * buffer, buffer

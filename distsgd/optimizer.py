@@ -45,6 +45,34 @@ def split_roles(algorithm: Algorithm, world_size: int) -> tuple[tuple[int, ...],
                      "servers and workers")
 
 
+def is_server(algorithm: Algorithm | str, comm: Comm | None = None) -> bool:
+    """Whether this rank is one of the algorithm's parameter servers (the first ranks)."""
+    algorithm = algorithms.create(algorithm) if isinstance(algorithm, str) else algorithm
+    comm = comm or default_comm()
+    return comm.rank in split_roles(algorithm, comm.world_size)[0]
+
+
+def serve(model: nn.Module, algorithm: Algorithm | str, *, lr: float,
+          comm: Comm | None = None, seed: int = 0) -> dict[str, Any]:
+    """Run a parameter server until every worker is done; returns its figures (staleness).
+
+    ``model`` gives the shapes and the initial x̃ (build it as the workers do); ``lr`` is what a
+    server that applies the learning rate itself (async-sparse) uses.
+
+        if distsgd.is_server(algorithm):
+            distsgd.serve(model, algorithm, lr=0.05)
+        else:
+            ... the training loop with DistributedOptimizer ...
+    """
+    algorithm = algorithms.create(algorithm) if isinstance(algorithm, str) else algorithm
+    comm = comm or default_comm()
+    servers, workers = split_roles(algorithm, comm.world_size)
+    if comm.rank not in servers:
+        raise ValueError(f"rank {comm.rank} is a worker of {algorithm.name}, not a server")
+    ctx = WorkerContext(comm, model, None, workers, servers, seed=seed, lr=lr)
+    return algorithm.serve(ctx)
+
+
 class DistributedOptimizer:
     """Wraps ``optimizer`` so that `step` runs the algorithm's hooks around the local step."""
 
@@ -77,6 +105,10 @@ class DistributedOptimizer:
         self.optimizer.step()
         self.algorithm.after_step(self.ctx, self.state)
         self.ctx.step += 1
+
+    def finish(self) -> None:
+        """Tell the algorithm this worker is done (parameter servers wait for every worker's)."""
+        self.algorithm.finish(self.ctx, self.state)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from distsgd import data
+from distsgd.algorithms.ps import merge_figures
 from distsgd.comm.base import Comm
 from distsgd.comm.sim import NetworkModel, SimWorld
 from distsgd.errors import UsageError
-from distsgd.evaluation import CollectiveObserver, Evaluator, SimObserver
+from distsgd.evaluation import BudgetObserver, CollectiveObserver, Evaluator, SimObserver
 from distsgd.metrics import RunFolder, default_run_dir, read_metrics, read_summary
-from distsgd.train import RunConfig, WorkerResult, worker_loop
+from distsgd.train import Observer, RunConfig, WorkerResult, eval_steps, worker_loop
 
 
 @dataclass
@@ -43,12 +44,19 @@ def run(cfg: RunConfig) -> RunResult:
         from distsgd import launch
 
         results = launch.launch(_process_entry, cfg.world_size(), args=(cfg, str(folder.path)))
-    return RunResult(folder.path, read_summary(folder.path), read_metrics(folder.path), results)
+    summary = read_summary(folder.path)
+    figures = [r.figures for r in results if r.figures]
+    if figures:
+        # The servers' own final figures count every update, even those after the last
+        # evaluation; they replace the ones worker 0 last fetched.
+        summary.update(merge_figures(figures))
+        folder.write_summary(summary)
+    return RunResult(folder.path, summary, read_metrics(folder.path), results)
 
 
 def _prepare(cfg: RunConfig) -> RunFolder:
     algorithm = cfg.make_algorithm()
-    for warning in algorithm.validate(cfg.workers, cfg.lr):
+    for warning in algorithm.validate(cfg.workers, cfg.learning_rate):
         print(f"warning: {warning}", file=sys.stderr)
     folder = RunFolder(cfg.out or default_run_dir(cfg.algorithm))
     folder.write_config({**cfg.to_json(), "out": str(folder.path)})
@@ -60,12 +68,17 @@ def _simulate(cfg: RunConfig, dataset: data.Dataset, folder: RunFolder) -> list[
     world = SimWorld(cfg.world_size(), NetworkModel(cfg.latency, cfg.bandwidth))
     total = cfg.total_steps(dataset)
     evaluator = Evaluator(cfg, dataset, folder, total)
-    observer = SimObserver(evaluator, cfg.workers)
+    evals = eval_steps(cfg, total)
+    observer: Observer
+    if cfg.make_algorithm().synchronous:
+        observer = SimObserver(evaluator, cfg.workers, evals)
+    else:
+        observer = BudgetObserver(evaluator, cfg.workers, evals)
     bar = _progress(cfg, total, evaluator)
 
     def body(comm: Comm) -> WorkerResult:
         on_step = bar.update_to if bar is not None and comm.rank == world.world_size - 1 else None
-        return worker_loop(comm, cfg, dataset, observer.publish, on_step)
+        return worker_loop(comm, cfg, dataset, observer, on_step)
 
     # Simulated workers share this process: one intra-op thread keeps runs bit-for-bit
     # reproducible and avoids oversubscribing the cores while one worker runs at a time.
@@ -90,9 +103,9 @@ def _process_entry(comm: Comm, cfg: RunConfig, out: str | None) -> WorkerResult:
         folder = RunFolder(out) if out is not None else None
         evaluator = Evaluator(cfg, dataset, folder, total, started=time.perf_counter())
         bar = _progress(cfg, total, evaluator)
-    observer = CollectiveObserver(evaluator)
+    observer = CollectiveObserver(evaluator, total, eval_steps(cfg, total))
     try:
-        return worker_loop(comm, cfg, dataset, observer.publish,
+        return worker_loop(comm, cfg, dataset, observer,
                            bar.update_to if bar is not None else None)
     finally:
         if bar is not None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +23,7 @@ from distsgd import algorithms, data, models
 from distsgd.algorithms.base import Algorithm, WorkerContext
 from distsgd.comm.base import Comm
 from distsgd.errors import UsageError, check_range
-from distsgd.optimizer import DistributedOptimizer, split_roles
+from distsgd.optimizer import DistributedOptimizer, serve, split_roles
 
 BACKENDS = ("sim", "processes", "torchrun")
 SAMPLINGS = ("shard", "iid")
@@ -41,13 +42,15 @@ class RunConfig:
     steps: int | None = None  # steps per worker; None: from epochs
     epochs: float | None = None  # passes over the training set by all workers together
     batch_size: int = 32  # per worker
-    lr: float = 0.05
+    lr: float | None = None  # None: the algorithm's default (0.05 for most; `distsgd list`)
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
     eval_every: int | None = None  # None: about ten evaluations per run
     sampling: str = "shard"  # shard: disjoint shards; iid: each worker samples the whole set
     compute_time: str = "flops"  # flops[:RATE], measured, or fixed seconds per step
+    stragglers: tuple[tuple[int, float], ...] = ()  # (worker index, slowdown factor) pairs
+    slowdown: str = "none"  # random per-step slowdown of every worker: none | lognormal:SIGMA
     latency: float = 25e-6  # simulated network, seconds
     bandwidth: float = 1.25e9  # simulated network, bytes per second
     timeout: float = 120.0  # seconds any blocking operation may wait on real processes
@@ -82,13 +85,18 @@ class RunConfig:
         if self.epochs is not None:
             check_range("epochs", self.epochs, 0, low_open=True)
         check_range("batch_size", self.batch_size, 1)
-        check_range("lr", self.lr, 0)
+        if self.lr is not None:
+            check_range("lr", self.lr, 0)
         check_range("momentum", self.momentum, 0, 1, high_open=True)
         check_range("weight_decay", self.weight_decay, 0)
         if self.eval_every is not None:
             check_range("eval_every", self.eval_every, 1)
         _choice("sampling", self.sampling, SAMPLINGS)
         ComputeModel.parse(self.compute_time)
+        for index, factor in self.stragglers:
+            check_range("straggler rank", index, 0, self.workers - 1)
+            check_range("straggler factor", factor, 0, low_open=True)
+        Slowdown.parse(self.slowdown)
         check_range("latency", self.latency, 0)
         check_range("bandwidth", self.bandwidth, 0, low_open=True)
         check_range("timeout", self.timeout, 0, low_open=True)
@@ -98,6 +106,10 @@ class RunConfig:
         typed = {k: v for k, v in self.hyperparameters.items() if not isinstance(v, str)}
         text = {k: v for k, v in self.hyperparameters.items() if isinstance(v, str)}
         return algorithms.create(self.algorithm, text, **typed)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else self.make_algorithm().default_lr()
 
     @property
     def model_name(self) -> str:
@@ -117,6 +129,7 @@ class RunConfig:
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["hyperparameters"] = dataclasses.asdict(self.make_algorithm())
+        out["lr"] = self.learning_rate
         return out
 
 
@@ -165,6 +178,32 @@ class ComputeModel:
         return self.value
 
 
+@dataclass(frozen=True)
+class Slowdown:
+    """Seeded random slowdown of each step: a factor exp(N(0, σ²)) (none: 1)."""
+
+    sigma: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Slowdown:
+        head, _, tail = text.partition(":")
+        if head == "none" and not tail:
+            return cls()
+        try:
+            sigma = float(tail) if head == "lognormal" else -1.0
+        except ValueError:
+            sigma = -1.0
+        if not sigma >= 0:
+            raise UsageError(f"slowdown={text!r} is not valid; valid values: 'none' or "
+                             "'lognormal:SIGMA' with SIGMA >= 0")
+        return cls(sigma)
+
+    def factors(self, seed: int, worker: int) -> Iterator[float]:
+        rng = np.random.default_rng([seed, 0x5104, worker])
+        while True:
+            yield float(np.exp(self.sigma * rng.standard_normal())) if self.sigma else 1.0
+
+
 @dataclass
 class Contribution:
     """What one worker publishes at an evaluation point."""
@@ -176,9 +215,18 @@ class Contribution:
     loss_count: int
     bytes_sent: int
     clock: float | None
+    extra: dict[str, Any] = field(default_factory=dict)  # the algorithm's own figures
 
 
-Publish = Callable[[int, WorkerContext, Contribution], None]  # (step, worker, contribution)
+class Observer(Protocol):
+    """How long a worker trains and when its state is evaluated (see `distsgd.evaluation`)."""
+
+    def begin(self, ctx: WorkerContext, snapshot: Callable[[], Contribution]) -> None: ...
+
+    def take(self, ctx: WorkerContext, done: int) -> bool: ...
+
+    def stepped(self, ctx: WorkerContext, done: int,
+                snapshot: Callable[[], Contribution]) -> None: ...
 
 
 @dataclass
@@ -189,6 +237,7 @@ class WorkerResult:
     evaluated: torch.Tensor
     bytes_by_verb: dict[str, int]
     virtual_time_s: float | None
+    figures: dict[str, Any] = field(default_factory=dict)  # a server's final figures
 
 
 def eval_steps(cfg: RunConfig, total: int) -> set[int]:
@@ -196,48 +245,56 @@ def eval_steps(cfg: RunConfig, total: int) -> set[int]:
     return {0, total, *range(every, total, every)}
 
 
-def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, publish: Publish,
+def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Observer,
                 on_step: Callable[[int], None] | None = None) -> WorkerResult:
-    """One worker's training run; `publish` receives its state at every evaluation point."""
+    """One rank's run: a training worker, or a server of a parameter-server algorithm."""
     algorithm = cfg.make_algorithm()
     servers, workers = split_roles(algorithm, comm.world_size)
-    torch.manual_seed(cfg.seed)  # every worker builds the same initial model
+    torch.manual_seed(cfg.seed)  # every rank builds the same initial model
     model = models.build(cfg.model_name, dataset.input_shape, dataset.num_classes)
     if comm.rank in servers:
-        raise NotImplementedError("server roles arrive with the asynchronous algorithms")
+        figures = serve(model, algorithm, lr=cfg.learning_rate, comm=comm, seed=cfg.seed)
+        return WorkerResult(comm.rank, 0, torch.empty(0), torch.empty(0), comm.bytes_by_verb,
+                            comm.now(), figures)
     index = workers.index(comm.rank)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    momentum = cfg.momentum if algorithm.local_momentum() else 0.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=momentum,
                                 weight_decay=cfg.weight_decay)
     opt = DistributedOptimizer(model, optimizer, algorithm, comm=comm, seed=cfg.seed)
     batches = data.batches(dataset, index, len(workers), cfg.batch_size, cfg.seed, cfg.sampling)
     compute = ComputeModel.parse(cfg.compute_time)
+    straggle = dict(cfg.stragglers).get(index, 1.0)
+    jitter = Slowdown.parse(cfg.slowdown).factors(cfg.seed, index)
     flops = models.forward_flops(model, dataset.input_shape)
-    total = cfg.total_steps(dataset)
-    evals = eval_steps(cfg, total)
     loss_sum, loss_count = 0.0, 0
 
-    def share(step: int) -> None:
-        nonlocal loss_sum, loss_count
+    def snapshot() -> Contribution:
         vector, weight = algorithm.evaluated(opt.ctx, opt.state)
-        publish(step, opt.ctx, Contribution(opt.ctx.flat.get(), vector, weight, loss_sum,
-                                          loss_count, comm.bytes_sent, comm.now()))
-        loss_sum, loss_count = 0.0, 0
+        extra = algorithm.metrics(opt.ctx, opt.state) if index == 0 else {}
+        return Contribution(opt.ctx.flat.get(), vector, weight, loss_sum, loss_count,
+                            comm.bytes_sent, comm.now(), extra)
 
-    share(0)
+    observer.begin(opt.ctx, snapshot)
     model.train()
-    for step in range(1, total + 1):
+    step = 0
+    while observer.take(opt.ctx, step):
+        step += 1
         x, y = next(batches)
         started = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        comm.elapse(compute.step_seconds(flops, len(y), time.perf_counter() - started))
+        measured = time.perf_counter() - started
+        slow = straggle * next(jitter)
+        comm.elapse(slow * compute.step_seconds(flops, len(y), measured))
+        if comm.now() is None and slow > 1.0:
+            time.sleep((slow - 1.0) * measured)  # real processes: stragglers really wait
         opt.step()
         opt.zero_grad()
         loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
         if on_step is not None:
             on_step(step)
-        if step in evals:
-            share(step)
-    vector, _ = algorithm.evaluated(opt.ctx, opt.state)
-    return WorkerResult(comm.rank, total, opt.ctx.flat.get(), vector, comm.bytes_by_verb,
+        observer.stepped(opt.ctx, step, snapshot)
+    opt.finish()
+    vector, _ = algorithm.evaluated(opt.ctx, opt.state) if index != 0 else (opt.ctx.flat.get(), 1)
+    return WorkerResult(comm.rank, step, opt.ctx.flat.get(), vector, comm.bytes_by_verb,
                         comm.now())

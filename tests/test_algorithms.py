@@ -43,8 +43,10 @@ def simulate(n: int, algorithm: distsgd.Algorithm, steps: int, lr: float = 0.1,
              ) -> list[distsgd.DistributedOptimizer]:
     """Train `n` simulated workers; `perturb` moves each worker off the common start first."""
 
-    def body(comm: Comm) -> distsgd.DistributedOptimizer:
+    def body(comm: Comm) -> distsgd.DistributedOptimizer | dict[str, Any]:
         model = make_model()
+        if distsgd.is_server(algorithm, comm):
+            return distsgd.serve(model, algorithm, lr=lr, comm=comm)
         opt = distsgd.DistributedOptimizer(
             model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), algorithm,
             comm=comm, seed=7)
@@ -61,9 +63,11 @@ def simulate(n: int, algorithm: distsgd.Algorithm, steps: int, lr: float = 0.1,
             opt.zero_grad()
             if watch is not None:
                 watch(opt)
+        opt.finish()
         return opt
 
-    return SimWorld(n).run(body)
+    world = n + algorithm.servers(n)
+    return [r for r in SimWorld(world).run(body) if isinstance(r, distsgd.DistributedOptimizer)]
 
 
 def states(opts: list[distsgd.DistributedOptimizer]) -> list[torch.Tensor]:
@@ -112,7 +116,7 @@ class TestConformance:
 
 
 def test_unknown_algorithm_lists_the_choices() -> None:
-    with pytest.raises(UsageError, match="valid choices: allreduce, crossover"):
+    with pytest.raises(UsageError, match="valid choices: allreduce, async-sparse, crossover"):
         algorithms.get("allreduse")
 
 

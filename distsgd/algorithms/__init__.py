@@ -83,6 +83,17 @@ def _parse(kind: Any, text: str) -> Any:
 
 
 # Importing the modules registers them.
-from distsgd.algorithms import allreduce, crossover, easgd, local_sgd, sgp  # noqa: E402,F401
+from distsgd.algorithms import (  # noqa: E402,F401
+    allreduce,
+    async_sparse,
+    crossover,
+    downpour,
+    easgd,
+    easgd_async,
+    gosgd,
+    local_sgd,
+    sgp,
+    ssp,
+)
 
 __all__ = ["REGISTRY", "Algorithm", "WorkerContext", "create", "get", "hyperparameter", "register"]

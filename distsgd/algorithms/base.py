@@ -46,11 +46,12 @@ class WorkerContext:
 
     comm: Comm
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None on a server rank
     worker_ranks: tuple[int, ...]  # global ranks of the training workers, in order
     server_ranks: tuple[int, ...] = ()
     seed: int = 0  # shared by every worker: topologies draw from it without negotiation
     step: int = 0  # local steps completed before the current one
+    lr: float = 0.0  # the run's learning rate, for servers that apply it themselves
     flat: FlatState = field(init=False)
     workers_group: Group = field(init=False)
 
@@ -65,8 +66,12 @@ class WorkerContext:
 
     @property
     def index(self) -> int:
-        """This worker's position among the training workers (0..workers-1)."""
-        return self.worker_ranks.index(self.comm.rank)
+        """This worker's position among the training workers (0..workers-1); -1 on a server."""
+        return self.worker_ranks.index(self.comm.rank) if self.is_worker else -1
+
+    @property
+    def is_worker(self) -> bool:
+        return self.comm.rank in self.worker_ranks
 
     @property
     def workers(self) -> int:
@@ -90,6 +95,16 @@ class Algorithm:
         """How many server ranks this algorithm needs next to `workers` workers."""
         return 0
 
+    def default_lr(self) -> float:
+        """The learning rate a run uses when none is given (momentum at a server multiplies the
+        effective step by 1/(1 − μ), so such algorithms default to a smaller one)."""
+        return 0.05
+
+    def local_momentum(self) -> bool:
+        """False when the algorithm applies momentum of its own (EAMSGD's δ, a server's μ): the
+        training loop then gives the workers plain SGD, whatever --momentum says."""
+        return True
+
     def validate(self, workers: int, lr: float) -> list[str]:
         """Checks that depend on the run; raise `UsageError`, or return warnings to print."""
         return []
@@ -105,6 +120,13 @@ class Algorithm:
     def after_step(self, ctx: WorkerContext, state: Any) -> None:
         """The local optimizer step has been applied."""
 
+    def finish(self, ctx: WorkerContext, state: Any) -> None:
+        """The worker has taken its last step (a parameter-server client says goodbye here)."""
+
+    def metrics(self, ctx: WorkerContext, state: Any) -> dict[str, Any]:
+        """Extra figures for the metrics line, asked of worker 0 after `evaluated`."""
+        return {}
+
     def evaluated(self, ctx: WorkerContext, state: Any) -> tuple[torch.Tensor, float]:
         """This worker's share of the evaluated model: (flat vector, weight).
 
@@ -113,8 +135,9 @@ class Algorithm:
         """
         return ctx.flat.get(), 1.0
 
-    def serve(self, ctx: WorkerContext, state: Any) -> None:
-        """The server role's loop, for algorithms whose `servers` is positive."""
+    def serve(self, ctx: WorkerContext) -> dict[str, Any]:
+        """The server role's loop, for algorithms whose `servers` is positive; runs until every
+        worker has finished and returns the server's final figures."""
         raise NotImplementedError(f"{self.name} has no server role")
 
 

@@ -11,6 +11,12 @@ Semantics both backends honour (the conformance suite in tests/test_comm_conform
   calls them in the same order. ``new_group(ranks)`` is itself collective on real processes: every
   rank calls it with the same ranks, in the same order, members or not (torch.distributed requires
   it), so algorithms create their groups in ``init`` on every rank.
+- ``poll(out, src=None)`` is ``recv`` that never blocks: it takes a message that has already
+  arrived, or returns ``None`` (gossip merges its inbox this way; the sender never waits).
+- ``expose(key, fn)`` / ``observe(rank, key)`` let measurement code read another rank's state for
+  free where ranks share memory (the simulator: no message, no virtual time, so evaluating never
+  changes a run); ``observe`` returns ``None`` where they do not, and the caller then asks by
+  message, outside the byte counts.
 - ``elapse(seconds)`` charges modelled compute time; a no-op on real hardware.
 - every blocking verb takes a timeout (``None``: the communicator's default). A real backend raises
   `CommTimeout`; the simulator raises `DeadlockError` when every live worker is blocked.
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -58,6 +64,12 @@ class Comm(Protocol):
     def send(self, tensor: torch.Tensor, dst: int) -> None: ...
 
     def recv(self, out: torch.Tensor, src: int | None = None, timeout: float | None = None) -> int: ...
+
+    def poll(self, out: torch.Tensor, src: int | None = None) -> int | None: ...
+
+    def expose(self, key: str, fn: Callable[[], Any]) -> None: ...
+
+    def observe(self, rank: int, key: str) -> Any: ...
 
     def all_reduce_(
         self, tensor: torch.Tensor, group: Group | None = None, timeout: float | None = None

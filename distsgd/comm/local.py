@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -14,6 +16,7 @@ class LocalComm:
 
     def __init__(self) -> None:
         self._counter = ByteCounter()
+        self._exposed: dict[str, Callable[[], Any]] = {}
 
     rank = 0
     world_size = 1
@@ -23,6 +26,16 @@ class LocalComm:
 
     def recv(self, out: torch.Tensor, src: int | None = None, timeout: float | None = None) -> int:
         raise ValueError("a world of one worker has no peer to receive from")
+
+    def poll(self, out: torch.Tensor, src: int | None = None) -> int | None:
+        return None
+
+    def expose(self, key: str, fn: Callable[[], Any]) -> None:
+        self._exposed[key] = fn
+
+    def observe(self, rank: int, key: str) -> Any:
+        fn = self._exposed.get(key) if rank == 0 else None
+        return None if fn is None else fn()
 
     def all_reduce_(self, tensor: torch.Tensor, group: Group | None = None,
                     timeout: float | None = None) -> torch.Tensor:

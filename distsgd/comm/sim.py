@@ -7,10 +7,12 @@ simulation: a message sent at virtual time t can never arrive before t, and no w
 another could still act at an earlier time, so an any-source ``recv`` always gets the message that
 arrives first in virtual time, and a run replays bit for bit.
 
-Network model (per link, defaults like 10 GbE): each worker has one NIC that sends one message at a
-time, so a message of b bytes sent at t leaves when the NIC is free, occupies it for b / bandwidth,
-and arrives latency later. That keeps per-pair FIFO order and charges a worker that pushes to many
-peers for its egress. Collectives cost what a ring all-reduce (or a binomial-tree broadcast) costs
+Network model (per link, defaults like 10 GbE): each worker has one full-duplex NIC that sends one
+message at a time and receives one at a time. A message of b bytes sent at t leaves when the
+sender's NIC is free and occupies it for b / bandwidth; it is fully received latency later, or, if
+the receiver's NIC is still busy with earlier messages, b / bandwidth after that. So per-pair FIFO
+order holds, a worker that pushes to many peers pays for its egress, and a parameter server that
+many workers push to pays for its ingress. Collectives cost what a ring all-reduce (or a binomial-tree broadcast) costs
 under the same model, and they synchronise the group's clocks.
 """
 
@@ -99,7 +101,9 @@ class _Worker:
     recv_src: int | None = None
     collective: _Collective | None = None
     inbox: list[_Message] = field(default_factory=list)
-    nic_free: float = 0.0
+    nic_free: float = 0.0  # when this worker's NIC finishes sending what it was given
+    ingress_free: float = 0.0  # when it finishes receiving what is on its way
+    exposed: dict[str, Callable[[], Any]] = field(default_factory=dict)
     counter: ByteCounter = field(default_factory=ByteCounter)
     result: Any = None
     error: BaseException | None = None
@@ -256,11 +260,13 @@ class SimWorld:
         sender = self._workers[src]
         link = self.network.link(src, dst)
         size = nbytes(payload)
+        receiver = self._workers[dst]
         start = max(sender.clock + self.network.overhead, sender.nic_free)
         sender.nic_free = start + size / link.bandwidth
+        arrival = max(sender.nic_free + link.latency, receiver.ingress_free + size / link.bandwidth)
+        receiver.ingress_free = arrival
         self._seq += 1
-        self._workers[dst].inbox.append(
-            _Message(sender.nic_free + link.latency, self._seq, src, payload))
+        receiver.inbox.append(_Message(arrival, self._seq, src, payload))
         sender.counter.add("send", size)
 
     def recv(self, rank: int, out: torch.Tensor, src: int | None) -> int:
@@ -274,12 +280,23 @@ class SimWorld:
         w.state, w.recv_src = "ready", None
         w.inbox.remove(m)
         w.clock = max(w.clock, m.arrival)
-        if m.payload.shape != out.shape or m.payload.dtype != out.dtype:
-            raise ValueError(
-                f"rank {rank} received a {m.payload.dtype} tensor of shape "
-                f"{tuple(m.payload.shape)} from rank {m.src} into a {out.dtype} buffer of shape "
-                f"{tuple(out.shape)}; sender and receiver must agree on the message layout")
-        out.copy_(m.payload)
+        _copy_into(out, m, rank)
+        return m.src
+
+    def poll(self, rank: int, out: torch.Tensor, src: int | None) -> int | None:
+        """Take a message that has arrived by this worker's clock, without blocking.
+
+        Sound without yielding: the running worker has the smallest clock of all, so every message
+        that can arrive by now has already been sent.
+        """
+        w = self._workers[rank]
+        w.recv_src = src
+        m = w.candidate()
+        w.recv_src = None
+        if m is None or m.arrival > w.clock:
+            return None
+        w.inbox.remove(m)
+        _copy_into(out, m, rank)
         return m.src
 
     def _is_next_at(self, w: _Worker, t: float) -> bool:
@@ -351,6 +368,15 @@ class SimWorld:
                 o.state, o.collective = "ready", None
 
 
+def _copy_into(out: torch.Tensor, m: _Message, rank: int) -> None:
+    if m.payload.shape != out.shape or m.payload.dtype != out.dtype:
+        raise ValueError(
+            f"rank {rank} received a {m.payload.dtype} tensor of shape {tuple(m.payload.shape)} "
+            f"from rank {m.src} into a {out.dtype} buffer of shape {tuple(out.shape)}; sender "
+            "and receiver must agree on the message layout")
+    out.copy_(m.payload)
+
+
 class SimComm:
     """One simulated worker's `Comm`; blocking verbs never block in real time."""
 
@@ -394,6 +420,18 @@ class SimComm:
         if src is not None:
             self._check_peer(src, "src")
         return self._world.recv(self._rank, out, src)
+
+    def poll(self, out: torch.Tensor, src: int | None = None) -> int | None:
+        if src is not None:
+            self._check_peer(src, "src")
+        return self._world.poll(self._rank, out, src)
+
+    def expose(self, key: str, fn: Callable[[], Any]) -> None:
+        self._world._workers[self._rank].exposed[key] = fn
+
+    def observe(self, rank: int, key: str) -> Any:
+        fn = self._world._workers[rank].exposed.get(key)
+        return None if fn is None else fn()
 
     def _group(self, group: Group | None) -> tuple[int, ...]:
         return (group or self._everyone).ranks

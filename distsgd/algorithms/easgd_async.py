@@ -1,0 +1,99 @@
+"""easgd-async and eamsgd: asynchronous Elastic Averaging SGD (Zhang et al. 2015, Alg. 1 and 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from distsgd import mixing
+from distsgd.algorithms import register
+from distsgd.algorithms.base import WorkerContext, hyperparameter
+from distsgd.algorithms.ps import (
+    ClientState,
+    ParameterServerAlgorithm,
+    evaluated_from_server,
+    start_client,
+)
+
+
+@register
+@dataclass(frozen=True)
+class EASGDAsync(ParameterServerAlgorithm):
+    """Algorithm 1: every τ steps, x_i ← x_i − α(x_i − x̃) and x̃ ← x̃ + α(x_i − x̃) through the
+    server; the gradient step uses the gradient taken before the elastic pull.
+
+    The pull and the push are one exchange (the server moves x̃ as it answers), so no other
+    worker's update can fall between them.
+    """
+
+    name = "easgd-async"
+    paper = "Zhang, Choromanska, LeCun 2015, 'Deep learning with Elastic Averaging SGD', Alg. 1"
+    sends = "every τ steps: |x| to the server and |x| back"
+
+    period: int = hyperparameter(10, "τ: local steps between two elastic exchanges", low=1)
+    beta: float = hyperparameter(0.9, "β = Nα: total moving rate, used when alpha is none",
+                                 low=0.0, high=1.0)
+    alpha: float | None = hyperparameter(None, "α = ηρ: moving rate per worker (none: β/N)",
+                                         low=0.0, high=1.0)
+
+    def elastic_rate(self, workers: int) -> float:
+        return self.alpha if self.alpha is not None else self.beta / workers
+
+    def init(self, ctx: WorkerContext) -> ClientState:
+        state = start_client(ctx)
+        state.extra = torch.zeros(ctx.flat.num_params, dtype=ctx.flat.dtype)  # EAMSGD's buffer
+        return state
+
+    def after_backward(self, ctx: WorkerContext, state: ClientState) -> None:
+        if ctx.step % self.period == 0:  # t mod τ = 0, t counted from 0 as in the paper
+            x = self.elastic_point(ctx, state)
+            center = state.client.elastic(x)
+            e = mixing.elastic_difference(x, center, self.elastic_rate(ctx.workers))
+            ctx.flat.set_(ctx.flat.get() - e)
+
+    def elastic_point(self, ctx: WorkerContext, state: ClientState) -> torch.Tensor:
+        """The x whose distance to x̃ the elastic force acts on (the model itself here)."""
+        return ctx.flat.get()
+
+    def finish(self, ctx: WorkerContext, state: ClientState) -> None:
+        state.client.done()
+
+    def evaluated(self, ctx: WorkerContext, state: ClientState) -> tuple[torch.Tensor, float]:
+        return evaluated_from_server(ctx, state)
+
+    def metrics(self, ctx: WorkerContext, state: ClientState) -> dict[str, Any]:
+        return state.figures
+
+
+@register
+@dataclass(frozen=True)
+class EAMSGD(EASGDAsync):
+    """Algorithm 2: easgd-async with Nesterov momentum δ on the worker (δ = 0 is easgd-async).
+
+    The model holds the look-ahead point x + δv, where the gradient is taken; the elastic force
+    acts on x = (x + δv) − δv and moves both alike. The momentum is the algorithm's own, so the
+    workers' optimizer is plain SGD.
+    """
+
+    name = "eamsgd"
+    paper = "Zhang, Choromanska, LeCun 2015, 'Deep learning with Elastic Averaging SGD', Alg. 2"
+
+    delta: float = hyperparameter(0.9, "δ: the workers' Nesterov momentum (paper: 0.99)",
+                                  low=0.0, high=1.0, high_open=True)
+
+    def local_momentum(self) -> bool:
+        return False
+
+    def after_backward(self, ctx: WorkerContext, state: ClientState) -> None:
+        super().after_backward(ctx, state)
+        grad, state.extra = mixing.nesterov_gradient(ctx.flat.grads(), state.extra, self.delta)
+        ctx.flat.set_grads_(grad)
+
+    def elastic_point(self, ctx: WorkerContext, state: ClientState) -> torch.Tensor:
+        # x = look-ahead − δv, and v = −η b in the buffer's units.
+        x = ctx.flat.get()
+        lr = ctx.optimizer.param_groups[0]["lr"] if ctx.optimizer is not None else ctx.lr
+        x[: ctx.flat.num_params] += self.delta * lr * state.extra
+        return x

@@ -1,0 +1,279 @@
+"""The asynchronous algorithms: exact references, invariants, stragglers and replay (simulator).
+
+Each reference states its tolerance: "exact" means bit for bit; where two computations differ only
+in how a float sum is rounded (a + (b − a) is b in real arithmetic, not always in float32), the
+tolerance is a few float32 ulps of the parameters' size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import distsgd
+from distsgd import mixing
+from distsgd.algorithms.downpour import Downpour
+from distsgd.algorithms.ps import Shard
+from distsgd.comm.base import Comm
+from distsgd.comm.sim import SimWorld
+
+pytestmark = pytest.mark.timeout(120)
+FLOAT32_ROUNDING = dict(atol=1e-6, rtol=1e-5)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def batch(worker: int, step: int, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + worker)
+    return torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g)
+
+
+def simulate(n: int, algorithm: distsgd.Algorithm, steps: int, *, lr: float = 0.1,
+             compute: Callable[[int], float] = lambda rank: 1e-3, perturb: float = 0.0,
+             watch: Callable[[SimWorld, distsgd.DistributedOptimizer], None] | None = None,
+             ) -> tuple[SimWorld, list[Any]]:
+    """`n` workers (plus the algorithm's servers), each taking `steps` steps of `compute(i)`."""
+    world = SimWorld(n + algorithm.servers(n))
+
+    def body(comm: Comm) -> Any:
+        model = make_model()
+        if distsgd.is_server(algorithm, comm):
+            return distsgd.serve(model, algorithm, lr=lr, comm=comm)
+        opt = distsgd.DistributedOptimizer(model, torch.optim.SGD(model.parameters(), lr=lr),
+                                           algorithm, comm=comm, seed=3)
+        index = opt.ctx.index
+        if perturb:
+            g = torch.Generator().manual_seed(index)
+            opt.ctx.flat.set_(opt.ctx.flat.get() + perturb * torch.randn(opt.ctx.flat.numel,
+                                                                         generator=g))
+        for step in range(steps):
+            x, y = batch(index, step)
+            loss = nn.functional.cross_entropy(model(x), y)
+            (loss * (lr > 0)).backward()
+            comm.elapse(compute(index))
+            opt.step()
+            opt.zero_grad()
+            if watch is not None:
+                watch(world, opt)
+        opt.finish()
+        return opt
+
+    return world, world.run(body)
+
+
+def workers_of(results: list[Any]) -> list[distsgd.DistributedOptimizer]:
+    return [r for r in results if isinstance(r, distsgd.DistributedOptimizer)]
+
+
+def plain_sgd(steps: int, lr: float = 0.1, worker: int = 0) -> torch.Tensor:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for step in range(steps):
+        x, y = batch(worker, step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def server_model(results: list[Any]) -> torch.Tensor:
+    opt = workers_of(results)[0]
+    x, _ = opt.state.client.snapshot()
+    return x
+
+
+# ---------------------------------------------------------------------------- references
+def test_one_worker_downpour_with_period_one_is_plain_sgd() -> None:
+    _, results = simulate(1, Downpour(period=1), steps=8)
+    reference = plain_sgd(8)
+    # The server adds the worker's update u = x' − x to x̃ = x: x + (x' − x) rounds to x' in
+    # float32 unless the subtraction itself rounded, hence rounding-level tolerance.
+    torch.testing.assert_close(server_model(results), reference, **FLOAT32_ROUNDING)
+    torch.testing.assert_close(workers_of(results)[0].ctx.flat.get(), reference,
+                               **FLOAT32_ROUNDING)
+
+
+def test_ssp_with_s0_is_synchronous_sgd_on_the_same_batches() -> None:
+    n, steps = 4, 6
+    _, results = simulate(n, distsgd.create("ssp", s=0), steps,
+                          compute=lambda i: 1e-3 * (1 + i))  # unequal speeds: s=0 must not care
+    _, sync = simulate(n, distsgd.AllReduce(), steps)
+    for ssp_worker, ar_worker in zip(workers_of(results), workers_of(sync), strict=True):
+        # Σ u_i / N applied one push at a time against one all-reduce: summation order only.
+        torch.testing.assert_close(ssp_worker.ctx.flat.get(), ar_worker.ctx.flat.get(),
+                                   **FLOAT32_ROUNDING)
+
+
+def test_eamsgd_with_delta_zero_is_easgd_async_bit_for_bit() -> None:
+    _, a = simulate(3, distsgd.create("eamsgd", delta=0.0, period=2), steps=7,
+                    compute=lambda i: 1e-3 * (1 + i))
+    _, b = simulate(3, distsgd.create("easgd-async", period=2), steps=7,
+                    compute=lambda i: 1e-3 * (1 + i))
+    for x, y in zip(workers_of(a), workers_of(b), strict=True):
+        assert torch.equal(x.ctx.flat.get(), y.ctx.flat.get())
+    assert torch.equal(server_model(a), server_model(b))
+
+
+def test_eamsgd_momentum_changes_the_trajectory() -> None:
+    _, a = simulate(2, distsgd.create("eamsgd", delta=0.9, period=2), steps=5)
+    _, b = simulate(2, distsgd.create("easgd-async", period=2), steps=5)
+    assert not torch.equal(workers_of(a)[0].ctx.flat.get(), workers_of(b)[0].ctx.flat.get())
+
+
+def test_dense_async_sparse_without_decay_or_momentum_is_downpour() -> None:
+    settings = {"ratio": 1.0, "gamma": 1.0, "lam": 1.0, "mu": 0.0}
+    _, sparse = simulate(3, distsgd.create("async-sparse", **settings), steps=6,
+                         compute=lambda i: 1e-3 * (1 + i))
+    _, downpour = simulate(3, Downpour(period=1), steps=6, compute=lambda i: 1e-3 * (1 + i))
+    # x̃ − ηg at the server against x̃ + ((x − ηg) − x): rounding only.
+    torch.testing.assert_close(server_model(sparse), server_model(downpour), **FLOAT32_ROUNDING)
+
+
+def test_sharded_server_gives_the_same_model() -> None:
+    _, one = simulate(2, Downpour(), steps=5, compute=lambda i: 1e-3 * (1 + i))
+    _, two = simulate(2, distsgd.create("downpour", shards=2), steps=5,
+                      compute=lambda i: 1e-3 * (1 + i))
+    assert torch.equal(server_model(one), server_model(two))  # elementwise: bit for bit
+
+
+# ----------------------------------------------------------------------- server variants
+def _shard(x: torch.Tensor) -> Shard:
+    return Shard(x.clone(), 0, x.numel(), (1,))
+
+
+@pytest.mark.parametrize("variant", ["average", "moving-average", "momentum"])
+def test_downpour_variant_server_rules(variant: str) -> None:
+    algo = Downpour(variant=variant, delta=0.5, rate=0.25)
+    x0 = torch.tensor([1.0, -2.0])
+    shard = _shard(x0)
+    shard.rule = algo.server_init(shard, None)  # type: ignore[arg-type]
+    updates = [torch.tensor([0.5, 0.5]), torch.tensor([-1.0, 0.0]), torch.tensor([0.25, 1.0])]
+    centers, z, v, x = [x0], x0.clone(), torch.zeros(2), x0.clone()
+    for t, u in enumerate(updates, start=1):
+        algo.apply(shard, u, 0, None)  # type: ignore[arg-type]
+        shard.version += 1
+        if variant == "momentum":  # Nesterov at the server
+            v = 0.5 * v + u
+            x = x + u + 0.5 * v
+        else:
+            x = x + u
+        centers.append(x)
+        if variant == "average":
+            z = z * (1 - 1 / (t + 1)) + x / (t + 1)
+        elif variant == "moving-average":
+            z = z * 0.75 + x * 0.25
+    torch.testing.assert_close(shard.x, x)
+    if variant == "average":  # ADOWNPOUR's z is the plain mean of x̃ over its versions
+        torch.testing.assert_close(algo.server_evaluated(shard), sum(centers) / len(centers))
+    if variant != "momentum":
+        torch.testing.assert_close(algo.server_evaluated(shard), z)
+
+
+# ------------------------------------------------------------------------- gossip (gosgd)
+def _in_flight(world: SimWorld) -> list[tuple[torch.Tensor, float]]:
+    slots = mixing.weight_slots(torch.float32)
+    out = []
+    for w in world._workers:
+        for m in w.inbox:
+            out.append((m.payload[:-slots], mixing.unpack_weight(m.payload[-slots:])))
+    return out
+
+
+def test_gosgd_weights_in_flight_included_sum_to_exactly_one() -> None:
+    sums: list[float] = []
+    opts: dict[int, distsgd.DistributedOptimizer] = {}
+
+    def watch(world: SimWorld, opt: distsgd.DistributedOptimizer) -> None:
+        opts[opt.ctx.index] = opt
+        if len(opts) == 4:
+            weights = [o.state.weight for o in opts.values()]
+            weights += [a for _, a in _in_flight(world)]
+            sums.append(sum(weights))
+
+    simulate(4, distsgd.create("gosgd", p=0.5), steps=60, compute=lambda i: 1e-3 * (1 + i % 2),
+             watch=watch)
+    assert len(sums) > 100
+    assert all(s == 1.0 for s in sums)  # halvings and sums of dyadic fractions: exact
+
+
+def test_gosgd_without_gradients_conserves_the_weighted_sum_and_converges() -> None:
+    records: list[tuple[torch.Tensor, float]] = []
+    opts: dict[int, distsgd.DistributedOptimizer] = {}
+
+    def watch(world: SimWorld, opt: distsgd.DistributedOptimizer) -> None:
+        opts[opt.ctx.index] = opt
+        if len(opts) < 4:
+            return
+        pairs = [(o.ctx.flat.get().double(), o.state.weight) for o in opts.values()]
+        pairs += [(x.double(), a) for x, a in _in_flight(world)]
+        total = sum(a * x for x, a in pairs)
+        records.append((total, mixing.consensus_distance([x for x, _ in pairs[:4]])))
+
+    _, results = simulate(4, distsgd.create("gosgd", p=0.5), steps=150, lr=0.0, perturb=1.0,
+                          watch=watch)
+    first = records[0][0]
+    for total, _ in records:
+        torch.testing.assert_close(total, first, atol=1e-5, rtol=0)  # float32 models
+    assert records[-1][1] < 1e-2 * records[0][1]  # the workers converged to it
+
+
+# ------------------------------------------------------------------------------- ssp bound
+@pytest.mark.parametrize("s", [0, 1, 3])
+def test_ssp_clock_gap_never_exceeds_s_under_a_straggler(s: int) -> None:
+    algorithm = distsgd.create("ssp", s=s)
+    steps: dict[int, int] = {}
+    gaps: list[int] = []
+
+    def watch(world: SimWorld, opt: distsgd.DistributedOptimizer) -> None:
+        steps[opt.ctx.index] = opt.ctx.step
+        if len(steps) == 4:
+            gaps.append(max(steps.values()) - min(steps.values()))
+
+    _, results = simulate(4, algorithm, steps=20, compute=lambda i: 4e-3 if i == 2 else 1e-3,
+                          watch=watch)
+    figures = next(r for r in results if isinstance(r, dict))
+    assert figures["ssp_max_clock_gap"] <= s
+    assert figures["ssp_max_clock_gap"] == s  # a 4x straggler pushes the gap to the bound
+    # Seen from outside too: a worker never finishes a step more than s + 1 ahead (it may have
+    # finished step c while the slowest is still computing step c − s).
+    assert max(gaps) <= s + 1
+
+
+# -------------------------------------------------------------------------------- replay
+@pytest.mark.parametrize("algorithm", ["downpour", "easgd-async", "eamsgd", "ssp",
+                                       "async-sparse", "gosgd"])
+def test_runs_with_stragglers_replay_bit_for_bit(algorithm: str, tmp_path: Path) -> None:
+    options = dict(algorithm=algorithm, workers=4, steps=30, eval_every=10, model="mlp",
+                   stragglers=((1, 4.0),), slowdown="lognormal:0.3", compute_time="flops")
+    a = distsgd.train(**options, out=str(tmp_path / "a"))
+    b = distsgd.train(**options, out=str(tmp_path / "b"))
+    for x, y in zip(a.workers, b.workers, strict=True):
+        assert torch.equal(x.state, y.state)
+    strip = [{k: v for k, v in r.items() if k != "real_time_s"} for r in a.metrics]
+    assert strip == [{k: v for k, v in r.items() if k != "real_time_s"} for r in b.metrics]
+    assert [w.steps for w in a.workers if w.steps][1] < [w.steps for w in a.workers if w.steps][0]
+
+
+def test_sparse_pushes_are_counted_as_indices_and_values(tmp_path: Path) -> None:
+    result = distsgd.train(algorithm="async-sparse", workers=2, steps=10, model="mlp",
+                           hyperparameters={"ratio": 0.01}, out=str(tmp_path))
+    server = result.workers[0]
+    worker = result.workers[1]
+    numel = worker.state.numel()
+    k = round(0.01 * numel)
+    pushes = worker.steps
+    # Each push: a 32-byte header and k (value, index) pairs of 4 + 4 bytes; the pulls' replies
+    # come from the server.
+    assert worker.bytes_by_verb["send"] == pushes * (32 + 8 * k) + (pushes + 2) * 32
+    assert server.bytes_by_verb["send"] > pushes * 4 * numel
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["staleness_mean"] is not None
