@@ -59,6 +59,10 @@ def _train_parser(sub: Any) -> None:
                    help="shard: disjoint shards; iid: every worker samples the whole set")
     p.add_argument("--compute-time", default=d.compute_time,
                    help="simulated compute per step: flops[:RATE], measured, or seconds")
+    p.add_argument("--straggler", action="append", default=[], metavar="RANK:FACTOR",
+                   help="make worker RANK (0..workers-1) FACTOR times slower (repeatable)")
+    p.add_argument("--slowdown", default=d.slowdown,
+                   help="seeded random slowdown of every step: none | lognormal:SIGMA")
     p.add_argument("--latency", type=float, default=d.latency, help="simulated, seconds")
     p.add_argument("--bandwidth", type=float, default=d.bandwidth, help="simulated, bytes/s")
     p.add_argument("--timeout", type=float, default=d.timeout,
@@ -79,6 +83,20 @@ def _parse_settings(items: list[str]) -> dict[str, str]:
     return settings
 
 
+def _parse_stragglers(items: list[str]) -> tuple[tuple[int, float], ...]:
+    out = []
+    for item in items:
+        rank, sep, factor = item.partition(":")
+        try:
+            out.append((int(rank), float(factor)))
+        except ValueError:
+            raise UsageError(
+                f"--straggler {item!r} is not RANK:FACTOR (e.g. --straggler 3:4)") from None
+        if not sep:
+            raise UsageError(f"--straggler {item!r} is not RANK:FACTOR (e.g. --straggler 3:4)")
+    return tuple(out)
+
+
 def _train(args: argparse.Namespace) -> int:
     from distsgd import launch
     from distsgd.runtime import run
@@ -91,6 +109,7 @@ def _train(args: argparse.Namespace) -> int:
         steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
         eval_every=args.eval_every, sampling=args.sampling, compute_time=args.compute_time,
+        stragglers=_parse_stragglers(args.straggler), slowdown=args.slowdown,
         latency=args.latency, bandwidth=args.bandwidth, timeout=args.timeout, out=args.out,
         data_dir=args.data_dir,
         progress=sys.stderr.isatty() if args.progress is None else args.progress)

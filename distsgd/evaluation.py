@@ -165,9 +165,12 @@ class BudgetObserver:
     def __init__(self, evaluator: Evaluator, workers: int, evals: set[int]) -> None:
         self.evaluator, self.workers = evaluator, workers
         self.budget = workers * evaluator.total
-        self.marks = {workers * e for e in evals}
+        # The last evaluation is taken once every worker has stopped, not when the budget runs
+        # out: workers still inside their last step would otherwise each trigger it again.
+        self.marks = {workers * e for e in evals} - {self.budget}
         self.taken = 0
         self.snapshots: dict[int, Snapshot] = {}
+        self.stopped: set[int] = set()
 
     def begin(self, ctx: WorkerContext, snapshot: Snapshot) -> None:
         self.snapshots[ctx.index] = snapshot
@@ -175,10 +178,13 @@ class BudgetObserver:
             self._record(ctx)
 
     def take(self, ctx: WorkerContext, done: int) -> bool:
-        if self.taken >= self.budget:
-            return False
-        self.taken += 1
-        return True
+        if self.taken < self.budget:
+            self.taken += 1
+            return True
+        self.stopped.add(ctx.index)
+        if len(self.stopped) == self.workers:
+            self._record(ctx)
+        return False
 
     def stepped(self, ctx: WorkerContext, done: int, snapshot: Snapshot) -> None:
         if self.taken in self.marks:

@@ -24,6 +24,12 @@ class FlatState:
         self.dtype = self.params[0].dtype if self.params else torch.float32
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.blocks = _top_level_blocks(model, self.tensors)
+        # One flat gradient buffer whose pieces the parameters' .grad are views of (DDP's
+        # gradient_as_bucket_view): autograd accumulates into it, so communicating gradients
+        # needs no concatenation and no copy back.
+        self._grad_flat = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        self._grad_views = [piece.view_as(p) for p, piece in zip(
+            self.params, self._grad_flat.split(self.sizes[: len(self.params)]), strict=True)]
 
     def get(self) -> torch.Tensor:
         """A new flat copy of the state."""
@@ -35,12 +41,26 @@ class FlatState:
             for t, piece in zip(self.tensors, flat.split(self.sizes), strict=True):
                 t.copy_(piece.view_as(t))
 
+    def grad_buffer(self) -> torch.Tensor:
+        """The gradients as one flat buffer, live: writing it changes the parameters' .grad.
+
+        Free when every .grad already is a view of the buffer (after a zero_grad that zeroes in
+        place); a gradient that is missing or was replaced (zero_grad(set_to_none=True)) is copied
+        in once and its .grad made a view again.
+        """
+        for p, view in zip(self.params, self._grad_views, strict=True):
+            grad = p.grad
+            if grad is None:
+                view.zero_()
+                p.grad = view
+            elif grad.data_ptr() != view.data_ptr():
+                view.copy_(grad)
+                p.grad = view
+        return self._grad_flat
+
     def grads(self) -> torch.Tensor:
         """The parameters' gradients as a new flat vector (zeros where a gradient is missing)."""
-        return torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-            for p in self.params
-        ])
+        return self.grad_buffer().clone()
 
     def buffer_values(self) -> torch.Tensor:
         """The float buffers alone, as a new flat vector (empty for models without buffers)."""
@@ -55,12 +75,7 @@ class FlatState:
                 b.copy_(piece.view_as(b))
 
     def set_grads_(self, flat: torch.Tensor) -> None:
-        pieces = flat[: self.num_params].split(self.sizes[: len(self.params)])
-        for p, piece in zip(self.params, pieces, strict=True):
-            if p.grad is None:
-                p.grad = piece.view_as(p).clone()
-            else:
-                p.grad.copy_(piece.view_as(p))
+        self.grad_buffer().copy_(flat[: self.num_params])
 
 
 def _top_level_blocks(model: nn.Module, tensors: list[torch.Tensor]) -> list[int]:

@@ -110,7 +110,9 @@ class DistributedOptimizer:
         """Tell the algorithm this worker is done (parameter servers wait for every worker's)."""
         self.algorithm.finish(self.ctx, self.state)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the gradients in place by default, so they stay views of the flat buffer that
+        algorithms communicate (set_to_none=True works too, at the cost of one copy a step)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def consensus_state(self) -> torch.Tensor:

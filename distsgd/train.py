@@ -65,7 +65,8 @@ class RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - names)
         if unknown:
-            raise UsageError(f"unknown option {unknown[0]!r}; valid options: {', '.join(sorted(names))}")
+            valid = ", ".join(sorted(names))
+            raise UsageError(f"unknown option {unknown[0]!r}; valid options: {valid}")
         cfg = cls(**options)
         cfg.check()
         return cfg

@@ -218,7 +218,7 @@ def test_gosgd_without_gradients_conserves_the_weighted_sum_and_converges() -> N
         total = sum(a * x for x, a in pairs)
         records.append((total, mixing.consensus_distance([x for x, _ in pairs[:4]])))
 
-    _, results = simulate(4, distsgd.create("gosgd", p=0.5), steps=150, lr=0.0, perturb=1.0,
+    simulate(4, distsgd.create("gosgd", p=0.5), steps=150, lr=0.0, perturb=1.0,
                           watch=watch)
     first = records[0][0]
     for total, _ in records:
@@ -260,7 +260,8 @@ def test_runs_with_stragglers_replay_bit_for_bit(algorithm: str, tmp_path: Path)
         assert torch.equal(x.state, y.state)
     strip = [{k: v for k, v in r.items() if k != "real_time_s"} for r in a.metrics]
     assert strip == [{k: v for k, v in r.items() if k != "real_time_s"} for r in b.metrics]
-    assert [w.steps for w in a.workers if w.steps][1] < [w.steps for w in a.workers if w.steps][0]
+    steps = [w.steps for w in a.workers if w.steps]  # servers take no steps
+    assert steps[1] < steps[0]  # the straggler took fewer of the shared budget
 
 
 def test_sparse_pushes_are_counted_as_indices_and_values(tmp_path: Path) -> None:

@@ -16,7 +16,9 @@ from distsgd.metrics import METRIC_FIELDS, SUMMARY_FIELDS
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_short_run_writes_the_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_short_run_writes_the_run_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
     out = tmp_path / "run"
     code = cli.main(["train", "--algorithm", "sgp", "--workers", "3", "--steps", "12",
                      "--eval-every", "4", "--out", str(out), "--no-progress"])

@@ -24,7 +24,8 @@ def register(cls: A) -> A:
 
 def get(name: str) -> type[Algorithm]:
     if name not in REGISTRY:
-        raise UsageError(f"unknown algorithm {name!r}; valid choices: {', '.join(sorted(REGISTRY))}")
+        valid = ", ".join(sorted(REGISTRY))
+        raise UsageError(f"unknown algorithm {name!r}; valid choices: {valid}")
     return REGISTRY[name]
 
 
@@ -36,7 +37,8 @@ def create(name: str, settings: dict[str, str] | None = None, **values: Any) -> 
     for key, text in (settings or {}).items():
         if key not in fields:
             valid = ", ".join(sorted(fields)) or "none"
-            raise UsageError(f"{name} has no hyperparameter {key!r}; valid hyperparameters: {valid}")
+            raise UsageError(
+                f"{name} has no hyperparameter {key!r}; valid hyperparameters: {valid}")
         kwargs[key] = parse_value(cls, key, text)
     unknown = set(kwargs) - set(fields)
     if unknown:

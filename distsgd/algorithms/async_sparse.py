@@ -68,14 +68,14 @@ class AsyncSparse(ParameterServerAlgorithm):
         return 0.05 * (1 - self.mu)  # the same effective step η / (1 − μ) as the others
 
     def init(self, ctx: WorkerContext) -> ClientState:
-        state = start_client(ctx)
+        state = start_client(ctx, self)
         n = ctx.flat.num_params
         state.extra = Residual(torch.zeros(n, dtype=ctx.flat.dtype), state.anchor[n:].clone())
         return state
 
     def after_backward(self, ctx: WorkerContext, state: ClientState) -> None:
         r: Residual = state.extra
-        r.acc.add_(ctx.flat.grads())
+        r.acc.add_(ctx.flat.grad_buffer())
         if self.ratio >= 1.0:
             r.dense, r.pending = r.acc.clone(), None
             r.acc.zero_()

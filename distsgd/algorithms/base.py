@@ -148,7 +148,10 @@ def average_gradients_(ctx: WorkerContext, group: Group) -> None:
     every member keeps an identical model.
     """
     flat = ctx.flat
-    message = torch.cat([flat.grads(), flat.buffer_values()])
+    if not flat.buffers:  # the common case: reduce the live gradient buffer in place
+        ctx.comm.all_reduce_(flat.grad_buffer(), group=group).div_(group.size)
+        return
+    message = torch.cat([flat.grad_buffer(), flat.buffer_values()])
     ctx.comm.all_reduce_(message, group=group).div_(group.size)
     flat.set_grads_(message[: flat.num_params])
     flat.set_buffers_(message[flat.num_params :])

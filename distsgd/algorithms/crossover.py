@@ -26,21 +26,23 @@ class Crossover(Algorithm):
     """Segment-wise gossip on a load-balanced random topology, optionally hierarchical.
 
     Each segment of the model is averaged with a different peer: for every (step, segment) the
-    shared seed draws a permutation without fixed points, so every worker sends and receives exactly
-    one copy of every segment (no hotspot, doubly stochastic, the average model preserved). Each idea
-    can be turned off: segments=1 (whole model), fair=false (independent peers), groups=0 (flat).
+    shared seed draws a permutation without fixed points, so every worker sends and receives
+    exactly one copy of every segment (no hotspot, doubly stochastic, the average model preserved).
+    Each idea can be turned off: segments=1 (whole model), fair=false (independent peers),
+    groups=0 (flat).
     """
 
     name = "crossover"
-    paper = "Yeo, Bae, Jeong, Kwon, Oh 2020, 'Crossover-SGD: a gossip-based communication ...'"
+    paper = "Yeo, Bae, Jeong, Kwon, Oh 2020, 'Crossover-SGD'"
     sends = "one message per segment (|x| in total) every step; leaders only when hierarchical"
 
     segments: int | str = hyperparameter(
         "blocks", "how the model is cut: 'blocks' (one per top-level module) or a number of "
         "equal chunks (1 = no segmentation)")
     fair: bool = hyperparameter(True, "load-balanced derangement (false: independent peers)")
-    groups: int = hyperparameter(0, "hierarchical groups: 0 flat; G >= 1 averages gradients "
-                                 "inside G contiguous groups and gossips among their leaders", low=0)
+    groups: int = hyperparameter(
+        0, "hierarchical groups: 0 flat; G >= 1 averages gradients inside G contiguous groups "
+        "and gossips among their leaders", low=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()

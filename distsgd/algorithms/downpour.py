@@ -53,7 +53,7 @@ class Downpour(ParameterServerAlgorithm):
         return 0.05 * (1 - self.delta) if self.variant == "momentum" else 0.05
 
     def init(self, ctx: WorkerContext) -> ClientState:
-        return start_client(ctx)
+        return start_client(ctx, self)
 
     def after_step(self, ctx: WorkerContext, state: ClientState) -> None:
         if (ctx.step + 1) % self.period:

@@ -41,8 +41,14 @@ class EASGDAsync(ParameterServerAlgorithm):
     def elastic_rate(self, workers: int) -> float:
         return self.alpha if self.alpha is not None else self.beta / workers
 
+    def local_momentum(self) -> bool:
+        return False  # Algorithm 1's workers take plain gradient steps; EAMSGD adds its own δ
+
+    def default_lr(self) -> float:
+        return 0.5  # plain SGD: the effective step of momentum SGD (0.9) at 0.05
+
     def init(self, ctx: WorkerContext) -> ClientState:
-        state = start_client(ctx)
+        state = start_client(ctx, self)
         state.extra = torch.zeros(ctx.flat.num_params, dtype=ctx.flat.dtype)  # EAMSGD's buffer
         return state
 
@@ -83,8 +89,8 @@ class EAMSGD(EASGDAsync):
     delta: float = hyperparameter(0.9, "δ: the workers' Nesterov momentum (paper: 0.99)",
                                   low=0.0, high=1.0, high_open=True)
 
-    def local_momentum(self) -> bool:
-        return False
+    def default_lr(self) -> float:
+        return 0.05 * (1 - self.delta) / 0.1  # 0.05 at δ = 0.9: the same effective step
 
     def after_backward(self, ctx: WorkerContext, state: ClientState) -> None:
         super().after_backward(ctx, state)

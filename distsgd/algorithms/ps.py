@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -63,13 +63,16 @@ class Shard:
                                        dtype=torch.float64), hist])
 
 
-def stats_dict(stats: torch.Tensor) -> dict[str, Any]:
+def stats_dict(stats: torch.Tensor, clock_gap: bool) -> dict[str, Any]:
+    """Staleness in server versions (updates applied between a worker's pull and its push)."""
     count = float(stats[0])
     hist = [int(c) for c in stats[4:]]
     last = max((i for i, c in enumerate(hist) if c), default=-1)
-    return {"staleness_mean": float(stats[1]) / count if count else None,
-            "staleness_max": int(stats[2]), "staleness_histogram": hist[: last + 1],
-            "ssp_max_clock_gap": float(stats[3])}
+    out = {"staleness_mean": float(stats[1]) / count if count else None,
+           "staleness_max": int(stats[2]), "staleness_histogram": hist[: last + 1]}
+    if clock_gap:
+        out["ssp_max_clock_gap"] = float(stats[3])
+    return out
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class ParameterServerAlgorithm(Algorithm):
     """Base of the server-based algorithms: the server loop, and what a push does to x̃."""
 
     synchronous = False
+    bounded: ClassVar[bool] = False  # SSP: pulls wait for the slowest worker; report the gap
     shards: int = hyperparameter(1, "server ranks the parameters are sharded over", low=1)
 
     def servers(self, workers: int) -> int:
@@ -136,7 +140,7 @@ class ParameterServerAlgorithm(Algorithm):
                 raise ValueError(f"server {ctx.rank} got a message of unknown kind {kind} "
                                  f"from rank {src}")
             self._answer_pulls(comm, shard)
-        return stats_dict(shard.stats())
+        return stats_dict(shard.stats(), self.bounded)
 
     def _receive_update(self, ctx: WorkerContext, shard: Shard, src: int, kind: int,
                         count: int) -> torch.Tensor:
@@ -177,8 +181,8 @@ def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
 class PSClient:
     """A worker's side of the protocol: push, pull, elastic exchange, goodbye."""
 
-    def __init__(self, ctx: WorkerContext) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: WorkerContext, algorithm: ParameterServerAlgorithm) -> None:
+        self.ctx, self.algorithm = ctx, algorithm
         self.bounds = shard_bounds(ctx.flat.numel, len(ctx.server_ranks))
         self.versions = [0] * len(self.bounds)
         self.min_clock = 0.0  # the lowest worker clock the last pull reported
@@ -254,7 +258,8 @@ class PSClient:
         total = torch.stack(stats).sum(0)
         total[2] = max(float(s[2]) for s in stats)
         total[3] = max(float(s[3]) for s in stats)
-        return torch.cat(parts), stats_dict(total)
+        algorithm = self.algorithm
+        return torch.cat(parts), stats_dict(total, algorithm.bounded)
 
 
 @dataclass
@@ -265,9 +270,9 @@ class ClientState:
     extra: Any = None
 
 
-def start_client(ctx: WorkerContext) -> ClientState:
+def start_client(ctx: WorkerContext, algorithm: ParameterServerAlgorithm) -> ClientState:
     """Connect to the servers and start from x̃."""
-    client = PSClient(ctx)
+    client = PSClient(ctx, algorithm)
     x = client.pull()
     ctx.flat.set_(x)
     return ClientState(client, x.clone())
@@ -290,7 +295,9 @@ def merge_figures(figures: list[dict[str, Any]]) -> dict[str, Any]:
                 for f in figures) for i in range(width)]
     count = sum(hist)
     total = sum((f["staleness_mean"] or 0.0) * sum(f["staleness_histogram"]) for f in figures)
-    return {"staleness_mean": total / count if count else None,
-            "staleness_max": max(f["staleness_max"] for f in figures),
-            "staleness_histogram": hist,
-            "ssp_max_clock_gap": max(f["ssp_max_clock_gap"] for f in figures)}
+    merged = {"staleness_mean": total / count if count else None,
+              "staleness_max": max(f["staleness_max"] for f in figures),
+              "staleness_histogram": hist}
+    if "ssp_max_clock_gap" in figures[0]:
+        merged["ssp_max_clock_gap"] = max(f["ssp_max_clock_gap"] for f in figures)
+    return merged

@@ -35,6 +35,7 @@ class SSP(ParameterServerAlgorithm):
     paper = "Ho et al. 2013, 'More effective distributed ML via a stale synchronous parallel PS'"
     sends = "every step: push |x| and pull |x| (held back while the bound s is exceeded)"
 
+    bounded = True
     s: float = hyperparameter(3, "staleness bound in clocks (0: bulk-synchronous, inf: async)",
                               low=0)
 
@@ -44,8 +45,16 @@ class SSP(ParameterServerAlgorithm):
             raise UsageError(f"ssp: s={self.s!r} is not valid: valid values are whole numbers "
                              ">= 0 or inf")
 
+    def local_momentum(self) -> bool:
+        # Ho et al.'s workers run plain SGD; momentum on views several clocks stale destabilises
+        # training (seen on digits: accuracy collapsing mid-run at s=3).
+        return False
+
+    def default_lr(self) -> float:
+        return 0.5  # = 0.05 / (1 − 0.9): the effective step of momentum SGD at 0.05
+
     def init(self, ctx: WorkerContext) -> ClientState:
-        return start_client(ctx)
+        return start_client(ctx, self)
 
     def after_step(self, ctx: WorkerContext, state: ClientState) -> None:
         x = ctx.flat.get()

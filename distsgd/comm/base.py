@@ -1,6 +1,6 @@
-"""The one seam for communication: the verbs an algorithm may use, on every backend.
+"""The one seam for communication: the verbs an algorithm may use on every backend.
 
-Semantics both backends honour (the conformance suite in tests/test_comm_conformance.py checks them):
+Semantics both backends honour (tests/test_comm_conformance.py checks them on both):
 
 - ``send(tensor, dst)`` is buffered and returns at once; the payload is copied, so the caller may
   modify ``tensor`` right after.
@@ -63,7 +63,9 @@ class Comm(Protocol):
 
     def send(self, tensor: torch.Tensor, dst: int) -> None: ...
 
-    def recv(self, out: torch.Tensor, src: int | None = None, timeout: float | None = None) -> int: ...
+    def recv(
+        self, out: torch.Tensor, src: int | None = None, timeout: float | None = None,
+    ) -> int: ...
 
     def poll(self, out: torch.Tensor, src: int | None = None) -> int | None: ...
 

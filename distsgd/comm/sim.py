@@ -140,6 +140,7 @@ class SimWorld:
         self._workers = [_Worker(r) for r in range(world_size)]
         self._back = threading.Semaphore(0)
         self._aborting = False
+        self._started = False
         self._seq = 0
         self._pending: dict[tuple[tuple[int, ...], int], _Collective] = {}
         self._coll_count: dict[tuple[int, tuple[int, ...]], int] = {}
@@ -147,6 +148,9 @@ class SimWorld:
 
     # ----------------------------------------------------------------- driving the run
     def run(self, fn: Callable[[SimComm], T]) -> list[T]:
+        if self._started:
+            raise RuntimeError("a SimWorld runs once: make a new one for another run")
+        self._started = True
         threads = [
             threading.Thread(target=self._body, args=(fn, w), name=f"sim-worker-{w.rank}",
                              daemon=True)
@@ -235,6 +239,8 @@ class SimWorld:
     # ------------------------------------------------------------ called from workers
     def _yield(self, w: _Worker) -> None:
         """Hand the baton to the scheduler and wait until this worker is chosen again."""
+        if self._aborting:  # a verb called while unwinding (a `finally` in user code)
+            raise _Aborted()
         self._back.release()
         w.go.acquire()
         if self._aborting:
@@ -443,6 +449,9 @@ class SimComm:
 
     def broadcast_(self, tensor: torch.Tensor, src: int, group: Group | None = None,
                    timeout: float | None = None) -> torch.Tensor:
+        if src not in self._group(group):
+            raise ValueError(f"broadcast src={src} is not a member of group "
+                             f"{list(self._group(group))}")
         self._world.collective(self._rank, "broadcast", tensor, self._group(group), src=src)
         return tensor
 

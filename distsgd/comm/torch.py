@@ -1,0 +1,538 @@
+"""TorchComm: the `Comm` protocol over torch.distributed with gloo (CPU tensors).
+
+The semantics are those of `distsgd.comm.base`; this module maps them onto gloo, whose behaviour
+shapes the design (measured on torch 2.13):
+
+- gloo's point-to-point is a rendezvous: an ``isend`` completes only once the receiver posts a
+  matching receive of the right size (a larger buffer is silently part-filled, a smaller one
+  aborts the process), and a process that exits with a send in flight loses the message.
+- a gloo p2p work learns it completed only inside ``wait()`` (``is_completed()`` stays False),
+  and a ``wait`` that times out closes the connection ("Application timeout caused pair
+  closure"); an any-source recv that times out closes every connection.
+
+So TorchComm runs a mailbox: each message is a small header (dtype, shape) followed by its
+payload, and a thread (`_Mailbox`) receives every message as soon as it is sent, from any sender,
+into a local inbox. `recv` and `poll` read that inbox: a recv timeout is a plain wait that leaves
+the connections intact, a layout mismatch is a ValueError as in the simulator, and sends complete
+at once. Another thread (`_Outbox`) waits for each send to complete and frees its payload.
+`close` is collective: every rank sends each peer a last "goodbye" header and waits for theirs,
+so no message is lost and no thread is left blocked inside gloo (one that wakes during
+interpreter shutdown aborts the process).
+
+Failures: a collective that times out leaves gloo's own operation running, so after its
+`CommTimeout` the communicator refuses further work; a recv timeout does not. A peer that dies
+fails the operations that were under way with it (`PeerLost`), but gloo's any-source receive does
+not notice: a recv waiting on a dead peer ends with its timeout, or earlier when the launcher (or
+torchrun) ends the run.
+
+Example, on every rank of an initialised gloo default group::
+
+    comm = TorchComm(timeout=60.0)
+    if comm.rank == 0:
+        comm.send(torch.ones(3), dst=1)
+    elif comm.rank == 1:
+        comm.recv(buf := torch.empty(3), src=0)
+    comm.close()
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distsgd.comm.base import (
+    ByteCounter,
+    Group,
+    nbytes,
+    ring_allreduce_bytes,
+    tree_broadcast_children,
+)
+from distsgd.errors import CommTimeout, UsageError, WorkerFailure, check_range
+
+# An explicit wait this long never times out in practice: gloo would otherwise apply the group's
+# timeout to a send whose receiver is merely slow, and a timed-out wait closes the connection.
+_FOREVER = timedelta(days=7)
+_HEADER_TAG, _PAYLOAD_TAG = 7101, 7102  # gloo tags of distsgd's messages
+_DATA, _GOODBYE = 0, 1
+_MAX_DIMS = 8
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+           torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
+
+
+class PeerLost(WorkerFailure):
+    """A peer's connection closed: it crashed, or its process ended without `close`.
+
+    Usually the consequence of another worker's failure; the launcher reports that one instead.
+    """
+
+
+class TorchComm:
+    """The `Comm` of one process of an initialised gloo default process group.
+
+    `timeout` (seconds, > 0) is the default of every blocking verb. Initialise the process group
+    with the same timeout (`distsgd.launch.init_process_group` does): gloo applies the group's
+    timeout inside every collective, so a collective waits at most that long, and a per-call
+    timeout can only shorten it (a recv may wait longer). Use one TorchComm per process, from
+    one thread, and end with `close` on every rank.
+    """
+
+    def __init__(self, timeout: float = 300.0) -> None:
+        check_range("timeout", timeout, 0.0, low_open=True)
+        if not dist.is_available() or not dist.is_initialized():
+            raise UsageError("TorchComm needs an initialised default process group: call "
+                             "distsgd.launch.init_process_group (or use distsgd.launch.launch)")
+        if dist.get_backend() != "gloo":
+            raise UsageError(f"TorchComm needs a gloo process group, not {dist.get_backend()!r}: "
+                             "its mailbox relies on gloo's receive from any rank")
+        self._rank = dist.get_rank()
+        self._world_size = dist.get_world_size()
+        self._timeout = float(timeout)
+        self._everyone = Group(tuple(range(self._world_size)))
+        self._counter = ByteCounter()
+        self._exposed: dict[str, Callable[[], Any]] = {}
+        self._outbox = _Outbox()
+        self._mailbox = _Mailbox(self._world_size - 1)
+        self._broken: str | None = None
+        self._closed = False
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        # A process that ends without `close` still has the mailbox thread blocked in gloo; if it
+        # wakes while the interpreter shuts down, the process aborts. Destroying the group first,
+        # while Python still runs, avoids that.
+        if not self._closed and dist.is_initialized():
+            dist.destroy_process_group()
+
+    @classmethod
+    def init(cls, rank: int, world_size: int, rendezvous: str,
+             timeout: float = 300.0) -> TorchComm:
+        """Initialise gloo (``rendezvous``: ``file://...``, ``tcp://host:port``, ``env://``)."""
+        from distsgd.launch import init_process_group  # launch imports this module
+
+        init_process_group(rank, world_size, rendezvous, timeout)
+        return cls(timeout)
+
+    # ------------------------------------------------------------------------ identity
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @property
+    def discarded(self) -> int:
+        """Messages sent to this rank that it never received (dropped by `close`)."""
+        return self._mailbox.discarded
+
+    def elapse(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"elapse({seconds}): time cannot run backwards")
+
+    def now(self) -> float | None:
+        return None
+
+    def expose(self, key: str, fn: Callable[[], Any]) -> None:
+        self._exposed[key] = fn
+
+    def observe(self, rank: int, key: str) -> Any:
+        """Only this rank's own state: processes share no memory (ask by message instead)."""
+        fn = self._exposed.get(key) if rank == self._rank else None
+        return None if fn is None else fn()
+
+    # ---------------------------------------------------------------------- counting
+    @property
+    def bytes_sent(self) -> int:
+        return self._counter.total
+
+    @property
+    def bytes_by_verb(self) -> dict[str, int]:
+        return dict(self._counter.by_verb)
+
+    def uncounted(self) -> contextlib.AbstractContextManager[None]:
+        return self._counter.paused()
+
+    # ------------------------------------------------------------------ point to point
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        self._check_usable("send")
+        self._check_peer(dst, "dst")
+        payload = _cpu_copy(tensor)
+        self._post(_header(_DATA, payload), payload, dst)
+        self._counter.add("send", nbytes(payload))
+
+    def recv(self, out: torch.Tensor, src: int | None = None, timeout: float | None = None) -> int:
+        self._check_usable("recv")
+        if src is not None:
+            self._check_peer(src, "src")
+        seconds = self._timeout if timeout is None else timeout
+        check_range("timeout", seconds, 0.0, low_open=True)
+        message = self._mailbox.take(src, seconds)
+        if message is None:
+            self._check_usable("recv")  # the mailbox failed: a peer was lost
+            where = "any rank" if src is None else f"rank {src}"
+            if self._mailbox.has_closed(src):
+                raise WorkerFailure(f"rank {self._rank}: recv from {where} can never complete: "
+                                    f"{'every peer has' if src is None else where + ' has'} "
+                                    "closed its communicator")
+            raise CommTimeout(f"rank {self._rank}: recv from {where} timed out after "
+                              f"{seconds:g} s (the sender is slow, stuck or dead)")
+        return self._deliver(message, out)
+
+    def poll(self, out: torch.Tensor, src: int | None = None) -> int | None:
+        self._check_usable("poll")
+        if src is not None:
+            self._check_peer(src, "src")
+        message = self._mailbox.take(src, None)
+        return None if message is None else self._deliver(message, out)
+
+    def _deliver(self, message: tuple[int, torch.Tensor], out: torch.Tensor) -> int:
+        sender, payload = message
+        if payload.shape != out.shape or payload.dtype != out.dtype:
+            raise ValueError(
+                f"rank {self._rank} received a {payload.dtype} tensor of shape "
+                f"{tuple(payload.shape)} from rank {sender} into a {out.dtype} buffer of shape "
+                f"{tuple(out.shape)}; sender and receiver must agree on the message layout")
+        out.copy_(payload)
+        return sender
+
+    def _post(self, header: torch.Tensor, payload: torch.Tensor | None, dst: int) -> None:
+        try:
+            self._outbox.put(dist.isend(header, dst, tag=_HEADER_TAG), header, dst)
+            if payload is not None and payload.numel():
+                raw = payload.reshape(-1).view(torch.uint8)
+                self._outbox.put(dist.isend(raw, dst, tag=_PAYLOAD_TAG), payload, dst)
+        except RuntimeError as e:
+            raise self._failure("send", dst, self._timeout, e) from e
+
+    # -------------------------------------------------------------------- collectives
+    def all_reduce_(self, tensor: torch.Tensor, group: Group | None = None,
+                    timeout: float | None = None) -> torch.Tensor:
+        ranks, handle = self._group(group, "all_reduce")
+        buf = tensor if _direct(tensor) else _cpu_copy(tensor)
+        self._run("all_reduce", timeout, lambda: dist.all_reduce(
+            buf, op=dist.ReduceOp.SUM, group=handle, async_op=True))
+        if buf is not tensor:
+            tensor.copy_(buf)
+        self._counter.add("all_reduce", ring_allreduce_bytes(nbytes(tensor), len(ranks)))
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor, src: int, group: Group | None = None,
+                   timeout: float | None = None) -> torch.Tensor:
+        ranks, handle = self._group(group, "broadcast")
+        if src not in ranks:
+            raise ValueError(f"broadcast src={src} is not a member of group {list(ranks)}")
+        buf = tensor if _direct(tensor) else _cpu_copy(tensor)
+        self._run("broadcast", timeout, lambda: dist.broadcast(
+            buf, src=src, group=handle, async_op=True))
+        if buf is not tensor:
+            tensor.copy_(buf)
+        n = len(ranks)
+        position = (ranks.index(self._rank) - ranks.index(src)) % n
+        self._counter.add("broadcast", nbytes(tensor) * tree_broadcast_children(position, n))
+        return tensor
+
+    def barrier(self, group: Group | None = None, timeout: float | None = None) -> None:
+        _, handle = self._group(group, "barrier")
+        self._run("barrier", timeout, lambda: dist.barrier(group=handle, async_op=True))
+
+    def new_group(self, ranks: list[int] | tuple[int, ...]) -> Group:
+        """A group for collectives. Collective: EVERY rank calls it with the same ranks, in the
+        same order, members or not (torch.distributed requires it)."""
+        self._check_usable("new_group")
+        ranks = tuple(ranks)
+        if len(set(ranks)) != len(ranks) or any(not 0 <= r < self._world_size for r in ranks):
+            raise ValueError(f"new_group({list(ranks)}): ranks must be distinct members of "
+                             f"0..{self._world_size - 1}")
+        try:
+            handle = dist.new_group(list(ranks), timeout=timedelta(seconds=self._timeout))
+        except RuntimeError as e:
+            raise self._failure("new_group", None, self._timeout, e) from e
+        return Group(ranks, handle)
+
+    # ----------------------------------------------------------------------- shutdown
+    def close(self, timeout: float | None = None) -> None:
+        """End this rank's communication. Collective: every rank calls it once, at the end.
+
+        Tells every peer that this rank sends no more, then waits until every peer has said the
+        same and every message this rank sent has been taken: up to `timeout` seconds (None: the
+        communicator's default; ``math.inf``: no limit, which the launcher uses since it ends the
+        run if a rank dies), so the ranks must finish within `timeout` of each other. Messages
+        this rank never received are dropped (`discarded`). It does not destroy the process group
+        (`distsgd.launch.shutdown` does).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._raise_lost_sends()
+        if self._world_size == 1:
+            return
+        for peer in range(self._world_size):
+            if peer != self._rank:
+                self._post(_header(_GOODBYE, None), None, peer)
+        seconds = self._timeout if timeout is None else timeout
+        check_range("timeout", seconds, 0.0, low_open=True)
+        deadline = time.monotonic() + seconds
+        while not self._mailbox.wait_all_closed(0.2):
+            self._raise_lost_sends()
+            if self._mailbox.failure is not None:
+                raise PeerLost(f"rank {self._rank}: close failed: a peer crashed or ended "
+                               f"without closing its communicator (gloo: {self._mailbox.failure})")
+            if time.monotonic() >= deadline:
+                waiting = [r for r in range(self._world_size)
+                           if r != self._rank and not self._mailbox.has_closed(r)]
+                raise CommTimeout(f"rank {self._rank}: close timed out after {seconds:g} s "
+                                  f"waiting for rank(s) {waiting} to close")
+        if not self._outbox.wait_empty(self._timeout):
+            raise CommTimeout(f"rank {self._rank}: close timed out after {self._timeout:g} s: "
+                              f"rank(s) {sorted(self._outbox.pending_dsts())} did not take "
+                              "this rank's messages")
+        self._raise_lost_sends()
+        self._mailbox.join()
+        self._outbox.stop()
+
+    # ------------------------------------------------------------------------ helpers
+    def _check_peer(self, peer: int, what: str) -> None:
+        if not 0 <= peer < self._world_size or peer == self._rank:
+            raise ValueError(f"{what}={peer} is not another rank of a world of {self._world_size}")
+
+    def _check_usable(self, verb: str) -> None:
+        if self._closed:
+            raise UsageError(f"rank {self._rank}: {verb} on a closed communicator")
+        if self._broken is not None:
+            raise CommTimeout(f"rank {self._rank}: {verb} refused: {self._broken} and gloo may "
+                              "still be running it, so this communicator cannot be used again")
+        self._raise_lost_sends()
+        failure = self._mailbox.failure
+        if failure is not None:
+            raise PeerLost(f"rank {self._rank}: receiving failed: a peer crashed or ended "
+                           f"without closing its communicator (gloo: {failure})")
+
+    def _raise_lost_sends(self) -> None:
+        for dst, error in self._outbox.take_failures():
+            raise PeerLost(f"rank {self._rank}: a message to rank {dst} was lost: rank {dst} "
+                           f"crashed or ended without closing its communicator (gloo: {error})")
+
+    def _group(self, group: Group | None, verb: str) -> tuple[tuple[int, ...], Any]:
+        self._check_usable(verb)
+        ranks = (group or self._everyone).ranks
+        if self._rank not in ranks:
+            raise ValueError(f"rank {self._rank} called {verb} on group {list(ranks)} it is not in")
+        handle = None if group is None else group.handle
+        if handle is None and sorted(ranks) != list(self._everyone.ranks):
+            raise ValueError(f"group {list(ranks)} has no process group: create it with this "
+                             "communicator's new_group")
+        return ranks, handle
+
+    def _run(self, verb: str, timeout: float | None, start: Callable[[], Any]) -> None:
+        """Start a collective and wait for it, translating gloo's errors."""
+        seconds = self._timeout if timeout is None else min(timeout, self._timeout)
+        check_range("timeout", seconds, 0.0, low_open=True)
+        try:
+            if start().wait(timedelta(seconds=seconds)) is False:
+                raise RuntimeError("Operation timed out!")
+        except RuntimeError as e:
+            raise self._failure(verb, None, seconds, e) from e
+
+    def _failure(self, verb: str, peer: int | None, seconds: float,
+                 error: RuntimeError) -> WorkerFailure | CommTimeout:
+        text = _first_line(error)
+        where = "" if peer is None else f" to rank {peer}"
+        if "timed out" in text.lower():
+            self._broken = f"{verb} timed out"
+            return CommTimeout(f"rank {self._rank}: {verb}{where} timed out after {seconds:g} s "
+                               f"(a peer is slow, stuck or dead; gloo: {text})")
+        if not any(s in text.lower() for s in ("closed", "reset", "broken pipe", "closure")):
+            return WorkerFailure(f"rank {self._rank}: {verb}{where} failed: {text}")
+        who = "a peer" if peer is None else f"rank {peer}"
+        return PeerLost(f"rank {self._rank}: {verb}{where} failed: {who} crashed or ended "
+                        f"without closing its communicator (gloo: {text})")
+
+
+def _direct(tensor: torch.Tensor) -> bool:
+    """Whether gloo can read and write `tensor` in place (else a staging copy is used)."""
+    return tensor.device.type == "cpu" and tensor.is_contiguous()
+
+
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor.detach())
+
+
+def _started(work: dist.Work | None) -> dist.Work:
+    if work is None:  # torch returns None to a rank outside the group; ours holds every rank
+        raise RuntimeError("torch.distributed started no operation")
+    return work
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
+
+
+def _header(kind: int, payload: torch.Tensor | None) -> torch.Tensor:
+    """kind, dtype index, number of dimensions, then the shape, padded: int64[3 + _MAX_DIMS]."""
+    header = torch.zeros(3 + _MAX_DIMS, dtype=torch.int64)
+    header[0] = kind
+    if payload is not None:
+        if payload.dtype not in _DTYPES or payload.dim() > _MAX_DIMS:
+            raise UsageError(f"send: a {payload.dtype} tensor of {payload.dim()} dimensions "
+                             f"cannot be sent; supported: up to {_MAX_DIMS} dimensions of "
+                             f"{', '.join(str(d) for d in _DTYPES)}")
+        header[1], header[2] = _DTYPES.index(payload.dtype), payload.dim()
+        header[3:3 + payload.dim()] = torch.tensor(payload.shape, dtype=torch.int64)
+    return header
+
+
+class _Mailbox:
+    """Receives every message addressed to this rank, in arrival order, on a daemon thread."""
+
+    def __init__(self, peers: int) -> None:
+        self._inbox: collections.deque[tuple[int, torch.Tensor]] = collections.deque()
+        self._open = peers  # peers that have not said goodbye
+        self._closed: set[int] = set()
+        self.failure: str | None = None
+        self.discarded = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="distsgd-mailbox", daemon=True)
+        if peers:
+            self._thread.start()
+
+    def _loop(self) -> None:
+        header = torch.empty(3 + _MAX_DIMS, dtype=torch.int64)
+        try:
+            while self._open:
+                work = _started(dist.irecv(header, None, tag=_HEADER_TAG))
+                work.wait(_FOREVER)
+                src = work._source_rank()
+                kind, code, ndim, *dims = header.tolist()
+                if kind == _GOODBYE:
+                    with self._cond:
+                        self._open -= 1
+                        self._closed.add(src)
+                        self._cond.notify_all()
+                    continue
+                shape = dims[:ndim]
+                raw = torch.empty(torch.Size(shape).numel() * _DTYPES[code].itemsize,
+                                  dtype=torch.uint8)
+                if raw.numel():
+                    _started(dist.irecv(raw, src, tag=_PAYLOAD_TAG)).wait(_FOREVER)
+                with self._cond:
+                    self._inbox.append((src, raw.view(_DTYPES[code]).reshape(shape)))
+                    self._cond.notify_all()
+        except RuntimeError as e:
+            with self._cond:
+                self.failure = _first_line(e)
+                self._cond.notify_all()
+
+    def take(self, src: int | None, seconds: float | None) -> tuple[int, torch.Tensor] | None:
+        """The first message from `src` (any rank: None), waiting up to `seconds` (None: not)."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        with self._cond:
+            while True:
+                for i, message in enumerate(self._inbox):
+                    if src is None or message[0] == src:
+                        del self._inbox[i]
+                        return message
+                if self.failure is not None or self._has_closed(src):
+                    return None  # nothing more will come; the caller reports why
+                left = 0.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def _has_closed(self, src: int | None) -> bool:
+        return not self._open if src is None else src in self._closed
+
+    def has_closed(self, src: int | None) -> bool:
+        """Whether `src` (None: every peer) has closed, so that nothing more can come from it."""
+        with self._cond:
+            return self._has_closed(src)
+
+    def wait_all_closed(self, seconds: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._open or self.failure is not None,
+                                       seconds) and not self._open
+
+    def join(self) -> None:
+        """Wait for the thread (it ends after the last goodbye); drop what was never taken."""
+        if self._thread.is_alive():
+            self._thread.join(timeout=1.0)
+        with self._cond:
+            self.discarded += len(self._inbox)
+            self._inbox.clear()
+
+
+class _Outbox:
+    """Sends in flight: one daemon thread waits for each in order, then frees its payload.
+
+    gloo offers no way to poll a p2p send without risking its connection (see the module
+    docstring), so a thread blocks in ``wait`` instead; failures are kept for the owner.
+    """
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[tuple[Any, torch.Tensor, int]] = collections.deque()
+        self._failures: list[tuple[int, str]] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def put(self, work: Any, payload: torch.Tensor, dst: int) -> None:
+        with self._cond:
+            self._queue.append((work, payload, dst))
+            self._cond.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="distsgd-outbox",
+                                                daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._stopping)
+                if not self._queue:
+                    return
+                work, _, dst = self._queue[0]
+            error = None
+            try:
+                work.wait(_FOREVER)
+            except RuntimeError as e:
+                error = _first_line(e)
+            with self._cond:
+                self._queue.popleft()
+                if error is not None:
+                    self._failures.append((dst, error))
+                self._cond.notify_all()
+
+    def pending_dsts(self) -> set[int]:
+        with self._cond:
+            return {dst for _, _, dst in self._queue}
+
+    def take_failures(self) -> list[tuple[int, str]]:
+        with self._cond:
+            failures, self._failures = self._failures, []
+            return failures
+
+    def wait_empty(self, seconds: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue, seconds)
+
+    def stop(self) -> None:
+        """Let the thread end once its queue is empty."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)

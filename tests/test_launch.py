@@ -1,0 +1,216 @@
+"""The process launcher: results, failures named by worker, no orphans, no collisions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from distsgd.comm.base import Comm, current
+from distsgd.errors import UsageError, WorkerFailure
+from distsgd.launch import (
+    file_rendezvous,
+    free_port,
+    from_torchrun_env,
+    is_torchrun,
+    launch,
+)
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.processes]
+
+TESTS = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------ worker functions
+def identify(comm: Comm, tag: str) -> tuple[str, int, int, bool, int]:
+    total = comm.all_reduce_(torch.tensor([comm.rank]))
+    return tag, comm.rank, comm.world_size, current() is comm, int(total.item())
+
+
+def fail_in(comm: Comm, bad_rank: int, usage: bool) -> None:
+    comm.barrier()
+    if comm.rank == bad_rank:
+        if usage:
+            raise UsageError("steps=-1 is out of range: valid values lie in [1, inf)")
+        raise ValueError(f"boom from rank {comm.rank}")
+    comm.recv(torch.empty(1), bad_rank)  # blocked until the launcher ends the run
+
+
+def _write_pid(folder: str, rank: int) -> None:
+    Path(folder, f"{rank}.pid").write_text(str(os.getpid()))
+
+
+def kill_rank_one(comm: Comm, folder: str) -> None:
+    _write_pid(folder, comm.rank)
+    comm.barrier()  # everyone is up before the kill
+    if comm.rank == 1:
+        Path(folder, "killed_at").write_text(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    if comm.rank == 0:
+        comm.all_reduce_(torch.zeros(1))  # fails too (PeerLost): not the cause to report
+    comm.recv(torch.empty(1), 1)
+
+
+def block_forever(comm: Comm, folder: str) -> None:
+    _write_pid(folder, comm.rank)
+    comm.recv(torch.empty(1), (comm.rank + 1) % comm.world_size)
+
+
+def sleep(comm: Comm, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def unpicklable_result(comm: Comm) -> Any:
+    return threading.Lock()
+
+
+# -------------------------------------------------------------------------- helpers
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+def _worker_children() -> list[int]:
+    """Live multiprocessing workers whose parent is this process (its resource tracker aside)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and "spawn_main" in cmdline and _alive(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _pids(folder: Path, n: int) -> list[int]:
+    return [int((folder / f"{r}.pid").read_text()) for r in range(n)]
+
+
+def _wait_for(condition: Any, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+# ---------------------------------------------------------------------------- tests
+def test_two_launches_at_once_return_their_own_results_in_rank_order() -> None:
+    results: dict[str, Any] = {}
+
+    def run(tag: str) -> None:
+        results[tag] = launch(identify, 2, args=(tag,), timeout=100, comm_timeout=60)
+
+    threads = [threading.Thread(target=run, args=(tag,)) for tag in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {tag: [(tag, 0, 2, True, 1), (tag, 1, 2, True, 1)] for tag in "ab"}
+
+
+def test_a_worker_that_raises_is_named_with_its_traceback() -> None:
+    with pytest.raises(WorkerFailure) as info:
+        launch(fail_in, 3, args=(2, False), timeout=100, comm_timeout=60)
+    assert str(info.value) == "worker 2 failed: ValueError: boom from rank 2"
+    remote = str(info.value.__cause__)
+    assert "Traceback" in remote and "in fail_in" in remote
+    assert not _worker_children()
+
+
+def test_a_usage_error_in_a_worker_keeps_its_type_and_message() -> None:
+    with pytest.raises(UsageError) as info:
+        launch(fail_in, 2, args=(0, True), timeout=100, comm_timeout=60)
+    assert str(info.value) == "steps=-1 is out of range: valid values lie in [1, inf)"
+    assert not isinstance(info.value, WorkerFailure)
+
+
+@linux_only
+def test_a_killed_worker_ends_the_run_at_once_and_leaves_no_process(tmp_path: Path) -> None:
+    with pytest.raises(WorkerFailure) as info:
+        launch(kill_rank_one, 3, args=(str(tmp_path),), timeout=100, comm_timeout=60)
+    noticed = time.time()
+    assert str(info.value) == "worker 1 died: killed by signal SIGKILL"
+    # The others were blocked in a recv with a 60 s timeout: the launcher did not wait for it.
+    assert noticed - float((tmp_path / "killed_at").read_text()) < 5.0
+    assert not any(_alive(pid) for pid in _pids(tmp_path, 3))
+    assert not _worker_children()
+
+
+@linux_only
+def test_workers_die_with_the_launching_process(tmp_path: Path) -> None:
+    script = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]\n"
+              "import test_launch\nfrom distsgd.launch import launch\n"
+              f"launch(test_launch.block_forever, 2, args=({str(tmp_path)!r},), comm_timeout=60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        assert _wait_for(lambda: all((tmp_path / f"{r}.pid").exists() for r in range(2)), 60)
+        pids = _pids(tmp_path, 2)
+        assert all(_alive(pid) for pid in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert _wait_for(lambda: not any(_alive(pid) for pid in pids), 10)
+
+
+def test_the_deadline_ends_a_run_that_does_not_finish() -> None:
+    start = time.monotonic()
+    with pytest.raises(WorkerFailure, match=r"did not finish within its deadline of 3 s.*\[0\]"):
+        launch(sleep, 1, args=(60.0,), timeout=3, comm_timeout=60)
+    assert time.monotonic() - start < 15
+
+
+def test_results_and_functions_must_be_picklable() -> None:
+    with pytest.raises(UsageError, match="module-level function"):
+        launch(lambda comm: comm.rank, 1)
+    with pytest.raises(WorkerFailure, match="worker 0 failed: its result cannot be pickled"):
+        launch(unpicklable_result, 1, timeout=100)
+
+
+def test_arguments_are_checked_before_anything_starts() -> None:
+    for kwargs in ({"world_size": 0}, {"world_size": 2, "timeout": -1.0},
+                   {"world_size": 2, "comm_timeout": 0.0}):
+        with pytest.raises(UsageError):
+            launch(identify, **kwargs)  # type: ignore[arg-type]
+
+
+def test_without_torchrun_there_is_no_torchrun_communicator(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert not is_torchrun()
+    assert from_torchrun_env() is None
+    monkeypatch.setenv("RANK", "0")  # one variable alone is not torchrun
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not is_torchrun()
+    assert from_torchrun_env() is None
+
+
+def test_rendezvous_helpers() -> None:
+    port = free_port()
+    assert 0 < port < 65536
+    with file_rendezvous() as url:
+        assert url.startswith("file://")
+        folder = Path(url.removeprefix("file://")).parent
+        assert folder.is_dir() and not any(folder.iterdir())
+    assert not folder.exists()
