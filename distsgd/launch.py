@@ -352,6 +352,7 @@ def _terminate(procs: list[Any]) -> None:
 # ---------------------------------------------------------------------------- in the worker
 def _worker_main(rank: int, spec: _Spec, conn: mp.connection.Connection) -> None:
     _die_with_parent(spec.parent_pid)
+    _name_process(f"distsgd-rank{rank}")
     torch.set_num_threads(1)
     comm: TorchComm | None = None
     try:
@@ -393,6 +394,13 @@ def _describe(rank: int, error: BaseException) -> _Failure:
         return _Failure(0, rank, str(error), usage=True, remote_traceback=text)
     priority = 2 if isinstance(error, PeerLost) else 1 if isinstance(error, CommTimeout) else 0
     return _Failure(priority, rank, f"worker {rank} failed: {line}", remote_traceback=text)
+
+
+def _name_process(name: str) -> None:
+    """Show the rank in `ps` and /proc/PID/comm (Linux), so an operator can tell workers apart."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15])  # PR_SET_NAME
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -43,7 +43,8 @@ def run(cfg: RunConfig) -> RunResult:
     else:
         from distsgd import launch
 
-        results = launch.launch(_process_entry, cfg.world_size(), args=(cfg, str(folder.path)))
+        results = launch.launch(_process_entry, cfg.world_size(), args=(cfg, str(folder.path)),
+                                comm_timeout=cfg.timeout)
     summary = read_summary(folder.path)
     figures = [r.figures for r in results if r.figures]
     if figures:

@@ -1,25 +1,40 @@
 """SimWorld: N workers in one process, a virtual clock, and a model of the network.
 
-Each simulated worker is a thread, but only one runs at a time: a worker hands the baton back to the
-scheduler whenever it blocks or charges time, and the scheduler resumes the worker that can make
-progress at the smallest virtual time (ties by rank). This is a conservative discrete-event
-simulation: a message sent at virtual time t can never arrive before t, and no worker runs while
-another could still act at an earlier time, so an any-source ``recv`` always gets the message that
-arrives first in virtual time, and a run replays bit for bit.
+Each simulated worker is a thread, but only one runs at a time: the one holding the baton. Whenever
+a worker blocks or charges time, it picks the worker that can make progress at the smallest virtual
+time (ties by rank) and hands the baton directly to it, or keeps running if that is itself. This is
+a conservative discrete-event simulation: a message sent at virtual time t can never arrive before
+t, and no worker runs while another could still act at an earlier time, so an any-source ``recv``
+always gets the message that arrives first in virtual time, and a run replays bit for bit.
+
+Scheduling. Every worker has a key, kept up to date in `SimWorld._keys` whenever its state, clock
+or (while it waits in ``recv``) its inbox changes: a ready worker's is (clock, rank); a worker
+blocked in ``recv`` has (max(clock, arrival of the first message it would take), rank); one that
+cannot act (waiting for a collective, done, failed) has `_IDLE`, after every other key. The
+smallest key is the next worker to run, and the running worker's is always the smallest: it only
+keeps running while that holds (`elapse`, a completed collective, `recv`), and everything another
+worker could still do happens at a later key. So the worker that gives up the baton chooses its
+successor itself, from state that nobody else is changing, and the choice is the same whatever
+thread makes it. The main thread (`SimWorld.run`) only starts the first worker and waits for the
+end of the run: all done, a failure, or a deadlock (no worker can act while some are unfinished).
+Each worker parks on its own raw lock (held from the start; one ``release`` wakes it), so a switch
+costs one OS wake-up.
 
 Network model (per link, defaults like 10 GbE): each worker has one full-duplex NIC that sends one
 message at a time and receives one at a time. A message of b bytes sent at t leaves when the
 sender's NIC is free and occupies it for b / bandwidth; it is fully received latency later, or, if
 the receiver's NIC is still busy with earlier messages, b / bandwidth after that. So per-pair FIFO
 order holds, a worker that pushes to many peers pays for its egress, and a parameter server that
-many workers push to pays for its ingress. Collectives cost what a ring all-reduce (or a binomial-tree broadcast) costs
-under the same model, and they synchronise the group's clocks.
+many workers push to pays for its ingress. Collectives cost what a ring all-reduce (or a
+binomial-tree broadcast) costs under the same model, and they synchronise the group's clocks.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import math
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -71,6 +86,17 @@ class NetworkModel:
         return self.overhead + math.ceil(math.log2(n)) * (self.latency + size / self.bandwidth)
 
 
+# The key of a worker that cannot act: after every real key (clock, rank), even an infinite clock.
+_IDLE: tuple[float, int] = (math.inf, sys.maxsize)
+
+
+def _held_lock() -> _thread.LockType:
+    """A raw lock that is held from the start: ``acquire`` parks, one ``release`` wakes."""
+    lock = _thread.allocate_lock()
+    lock.acquire()
+    return lock
+
+
 class _Aborted(BaseException):
     """Raised inside a worker thread to unwind it when the world stops (deadlock or failure)."""
 
@@ -95,7 +121,7 @@ class _Collective:
 @dataclass
 class _Worker:
     rank: int
-    go: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+    go: _thread.LockType = field(default_factory=_held_lock)  # released to give it the baton
     clock: float = 0.0
     state: str = "ready"  # ready | recv | collective | done | failed
     recv_src: int | None = None
@@ -138,7 +164,8 @@ class SimWorld:
         self.world_size = world_size
         self.network = network or NetworkModel()
         self._workers = [_Worker(r) for r in range(world_size)]
-        self._back = threading.Semaphore(0)
+        self._keys = [self._key(w) for w in self._workers]  # see the module docstring
+        self._over = _held_lock()  # released once: the run is over (done, failed or deadlocked)
         self._aborting = False
         self._started = False
         self._seq = 0
@@ -160,15 +187,10 @@ class SimWorld:
             t.start()
         failure: BaseException | None = None
         try:
-            while True:
-                w = self._next()
-                if w is None:
-                    break
-                w.go.release()
-                self._back.acquire()
-                if w.state == "failed":
-                    failure = w.error
-                    break
+            self._wake(self._next())  # rank 0: every clock is still 0
+            self._over.acquire()
+            # At most one worker fails: the one that did stops the run.
+            failure = next((w.error for w in self._workers if w.state == "failed"), None)
         finally:
             self._abort_all()
             for t in threads:
@@ -206,55 +228,71 @@ class SimWorld:
             w.state = "done"
         except _Aborted:
             return
-        except BaseException as e:  # noqa: BLE001 - reported to the caller of run()
+        except BaseException as e:  # reported to the caller of run()
             w.error = e
             w.state = "failed"
         finally:
             set_current(None)
-        self._back.release()
+        self._keys[w.rank] = _IDLE
+        if self._aborting:  # stopped meanwhile (only if the main thread itself was interrupted)
+            return
+        # A failure ends the run; otherwise the baton goes on (or the run ends if nobody can act).
+        self._wake(None if w.state == "failed" else self._next())
 
-    def _key(self, w: _Worker) -> tuple[float, int] | None:
+    def _key(self, w: _Worker) -> tuple[float, int]:
+        """When `w` could act next, as (virtual time, rank); `_IDLE` when it cannot act."""
         if w.state == "ready":
             return (w.clock, w.rank)
         if w.state == "recv":
             m = w.candidate()
             if m is not None:
                 return (max(w.clock, m.arrival), w.rank)
-        return None
+        return _IDLE
+
+    def _rekey(self, w: _Worker) -> None:
+        self._keys[w.rank] = self._key(w)
 
     def _next(self) -> _Worker | None:
-        best, best_key = None, None
-        for w in self._workers:
-            k = self._key(w)
-            if k is not None and (best_key is None or k < best_key):
-                best, best_key = w, k
-        return best
+        """The worker with the smallest key; None when no worker can act."""
+        key = min(self._keys)  # keys are distinct (one rank each): ties cannot arise
+        return None if key is _IDLE else self._workers[key[1]]
+
+    def _wake(self, w: _Worker | None) -> None:
+        """Give the baton to `w`, or tell `run` that the run is over (`w` None)."""
+        lock = self._over if w is None else w.go
+        try:
+            lock.release()
+        except RuntimeError:  # released twice: possible only while the world is stopping
+            if not self._aborting:
+                raise
 
     def _abort_all(self) -> None:
+        """Wake every unfinished worker with `_aborting` set, so that each unwinds."""
         self._aborting = True
         for w in self._workers:
             if w.state in ("ready", "recv", "collective"):
-                w.go.release()
+                # Each such worker's lock is held (it is parked, or has not started) unless
+                # the main thread was interrupted while a hand-off was under way.
+                with contextlib.suppress(RuntimeError):
+                    w.go.release()
 
     # ------------------------------------------------------------ called from workers
     def _yield(self, w: _Worker) -> None:
-        """Hand the baton to the scheduler and wait until this worker is chosen again."""
+        """Hand the baton to the next worker and park until `w` is the next one again.
+
+        Callers yield only when another worker is next (or `w` cannot act); were `w` next itself,
+        it would wake itself and return at once.
+        """
         if self._aborting:  # a verb called while unwinding (a `finally` in user code)
             raise _Aborted()
-        self._back.release()
+        self._wake(self._next())
         w.go.acquire()
         if self._aborting:
             raise _Aborted()
 
     def _is_next(self, w: _Worker) -> bool:
-        """True when no other worker could act before `w`: then yielding would only cost time."""
-        key = (w.clock, w.rank)
-        for o in self._workers:
-            if o is not w:
-                k = self._key(o)
-                if k is not None and k < key:
-                    return False
-        return True
+        """True when no other worker could act before `w` (whose key must be current)."""
+        return min(self._keys)[1] == w.rank
 
     def clocks(self) -> list[float]:
         return [w.clock for w in self._workers]
@@ -273,19 +311,23 @@ class SimWorld:
         receiver.ingress_free = arrival
         self._seq += 1
         receiver.inbox.append(_Message(arrival, self._seq, src, payload))
+        if receiver.state == "recv":  # waiting for a message: this one may move its key
+            self._rekey(receiver)
         sender.counter.add("send", size)
 
     def recv(self, rank: int, out: torch.Tensor, src: int | None) -> int:
         w = self._workers[rank]
         w.state, w.recv_src = "recv", src
+        self._rekey(w)  # (max(clock, arrival of the candidate), rank), or _IDLE without one
         while True:
             m = w.candidate()
-            if m is not None and (w.clock >= m.arrival or self._is_next_at(w, m.arrival)):
+            if m is not None and (w.clock >= m.arrival or self._is_next(w)):
                 break
             self._yield(w)
         w.state, w.recv_src = "ready", None
         w.inbox.remove(m)
         w.clock = max(w.clock, m.arrival)
+        self._keys[rank] = (w.clock, rank)
         _copy_into(out, m, rank)
         return m.src
 
@@ -305,15 +347,12 @@ class SimWorld:
         _copy_into(out, m, rank)
         return m.src
 
-    def _is_next_at(self, w: _Worker, t: float) -> bool:
-        key = (t, w.rank)
-        return all(o is w or (k := self._key(o)) is None or k >= key for o in self._workers)
-
     def elapse(self, rank: int, seconds: float) -> None:
         if seconds < 0:
             raise ValueError(f"elapse({seconds}): time cannot run backwards")
         w = self._workers[rank]
         w.clock += seconds
+        self._keys[rank] = (w.clock, rank)
         if not self._is_next(w):
             self._yield(w)
 
@@ -331,6 +370,7 @@ class SimWorld:
         c.arrived[rank], c.clocks[rank] = tensor, w.clock
         if len(c.arrived) < len(group):
             w.state, w.collective = "collective", c
+            self._keys[rank] = _IDLE
             while w.state == "collective":
                 self._yield(w)
             return
@@ -372,6 +412,7 @@ class SimWorld:
             o.clock = end
             if o.state == "collective":
                 o.state, o.collective = "ready", None
+            self._keys[r] = (end, r)
 
 
 def _copy_into(out: torch.Tensor, m: _Message, rank: int) -> None:
