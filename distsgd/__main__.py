@@ -1,4 +1,4 @@
-"""`python -m distsgd ...`, which is also how torchrun starts it: `torchrun ... -m distsgd train`."""
+"""`python -m distsgd ...`, also how torchrun starts it: `torchrun ... -m distsgd train`."""
 
 from distsgd.cli import entry
 

@@ -7,6 +7,7 @@
         opt.step()              # after_backward hook, local step, after_step hook
         opt.zero_grad()
     model_for_eval = opt.consensus_model()   # collective: every worker calls it
+    opt.finish()                             # last: servers wait for it; closes torchrun's comm
 
 The communicator comes from the run (the simulator or the process launcher sets one per worker),
 else from torchrun's environment, else it is a world of one, where every algorithm is plain SGD.
@@ -22,17 +23,36 @@ from torch import nn
 
 from distsgd import algorithms
 from distsgd.algorithms.base import Algorithm, WorkerContext
-from distsgd.comm.base import Comm, current
+from distsgd.comm.base import Comm, current, set_current
 from distsgd.comm.local import LocalComm
+
+_built: list[Comm] = []  # the communicator default_comm() built from torchrun's environment
 
 
 def default_comm() -> Comm:
+    """The run's communicator: the one the runtime set, else one built (once) from torchrun's
+    environment, else a world of one."""
     comm = current()
     if comm is not None:
         return comm
     from distsgd import launch  # torch.distributed is touched only when a real run asks for it
 
-    return launch.from_torchrun_env() or LocalComm()
+    built = launch.from_torchrun_env()
+    if built is None:
+        return LocalComm()
+    _built.append(built)
+    set_current(built)
+    return built
+
+
+def release(comm: Comm) -> None:
+    """Close a communicator default_comm() built (collective: every rank gets here)."""
+    if comm in _built:
+        from distsgd import launch
+
+        _built.remove(comm)
+        set_current(None)
+        launch.shutdown(comm)  # type: ignore[arg-type]
 
 
 def split_roles(algorithm: Algorithm, world_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -70,7 +90,9 @@ def serve(model: nn.Module, algorithm: Algorithm | str, *, lr: float,
     if comm.rank not in servers:
         raise ValueError(f"rank {comm.rank} is a worker of {algorithm.name}, not a server")
     ctx = WorkerContext(comm, model, None, workers, servers, seed=seed, lr=lr)
-    return algorithm.serve(ctx)
+    figures = algorithm.serve(ctx)
+    release(comm)
+    return figures
 
 
 class DistributedOptimizer:
@@ -107,8 +129,11 @@ class DistributedOptimizer:
         self.ctx.step += 1
 
     def finish(self) -> None:
-        """Tell the algorithm this worker is done (parameter servers wait for every worker's)."""
+        """Tell the algorithm this worker is done (parameter servers wait for every worker's
+        goodbye); the last call of a run: a communicator built from torchrun's environment is
+        closed here."""
         self.algorithm.finish(self.ctx, self.state)
+        release(self.ctx.comm)
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero the gradients in place by default, so they stay views of the flat buffer that

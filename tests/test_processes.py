@@ -105,6 +105,34 @@ def test_asynchronous_algorithms_train_on_four_processes(algorithm: str, tmp_pat
         assert sum(summary["staleness_histogram"]) > 0
 
 
+# -------------------------------------------------------------------------------- torchrun
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=3",
+            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_torchrun_runs_the_cli_with_a_server_rank(tmp_path: Path) -> None:
+    proc = subprocess.run([*TORCHRUN, "-m", "distsgd", "train", "-a", "downpour", "--workers",
+                           "2", "--steps", "30", "--eval-every", "10", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["backend"] == "torchrun" and summary["workers"] == 2
+    assert summary["steps"] == 30 and summary["virtual_time_s"] is None
+    assert summary["staleness_mean"] is not None  # fetched from the server rank
+
+
+@pytest.mark.parametrize("algorithm", ["ssp", "sgp"])
+def test_torchrun_runs_a_custom_training_loop(algorithm: str) -> None:
+    proc = subprocess.run([*TORCHRUN, str(REPO / "examples" / "custom_loop.py"), "--algorithm",
+                           algorithm], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    workers = 2 if algorithm == "ssp" else 3
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(f"{algorithm}:"))
+    assert f"{workers} workers" in line
+    assert float(line.rsplit(" ", 1)[1]) > 0.7
+
+
 # ------------------------------------------------------------------------------- failures
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
