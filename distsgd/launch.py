@@ -282,16 +282,20 @@ class _Supervisor:
                 continue
             del self.running[rank]
             self.procs[rank].join(1.0)  # reap it: its exit code is known after waitpid
+            if rank in self.open_conns:
+                # It may have exited right after reporting: drain its pipe before concluding
+                # that it returned nothing (seen once in CI as a spurious failure).
+                self._read(rank, self.open_conns[rank], wait=1.0)
             if rank not in self.results and all(f.rank != rank for f in self.failures):
                 reason = _exit_reason(self.procs[rank].exitcode)
                 if not reason.startswith("killed"):
                     reason += " without returning a result"
                 self.failures.append(_Failure(0, rank, f"worker {rank} died: {reason}"))
 
-    def _read(self, rank: int, conn: mp.connection.Connection) -> None:
-        """Take worker `rank`'s report if one is waiting."""
+    def _read(self, rank: int, conn: mp.connection.Connection, wait: float = 0.0) -> None:
+        """Take worker `rank`'s report if one is waiting (up to `wait` seconds)."""
         try:
-            if not conn.poll():
+            if not conn.poll(wait):
                 return
             kind, payload = conn.recv()
         except (EOFError, OSError):

@@ -95,7 +95,10 @@ def test_allreduce_matches_distributed_data_parallel() -> None:
 
 @pytest.mark.parametrize("algorithm", ASYNC)
 def test_asynchronous_algorithms_train_on_four_processes(algorithm: str, tmp_path: Path) -> None:
-    result = distsgd.train(algorithm=algorithm, workers=4, backend="processes", epochs=15,
+    # async-sparse swings widely while its residuals build up (server momentum on 1% top-k
+    # bursts) and settles later: it gets the default 30 epochs, the others 15.
+    epochs = 30 if algorithm == "async-sparse" else 15
+    result = distsgd.train(algorithm=algorithm, workers=4, backend="processes", epochs=epochs,
                            out=str(tmp_path))
     summary = result.summary
     assert all(torch.isfinite(w.state).all() for w in result.workers if w.state.numel())

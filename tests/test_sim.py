@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+from distsgd.comm import sim
 from distsgd.comm.base import nbytes, ring_allreduce_bytes, tree_broadcast_children
 from distsgd.comm.sim import NetworkModel, SimComm, SimWorld
 from distsgd.errors import DeadlockError, UsageError, WorkerFailure
@@ -207,6 +208,49 @@ def test_a_failing_worker_is_named_and_every_thread_unwinds() -> None:
     assert not _sim_threads()
 
 
+def test_a_deadlock_unwinds_workers_that_call_verbs_in_finally() -> None:
+    cleaned = []
+
+    def body(comm: SimComm) -> None:
+        try:
+            if comm.rank == 0:
+                comm.elapse(1.0)
+                return  # ranks 1 to 3 wait for a message rank 0 never sends
+            comm.recv(torch.empty(1), 0)
+        finally:
+            if comm.rank != 0:
+                cleaned.append(comm.rank)
+                comm.elapse(1.0)  # verbs called while the world unwinds must not hang
+                comm.send(torch.zeros(1), 0)
+                comm.barrier()
+
+    with pytest.raises(DeadlockError, match="rank 0: done at t=1s"):
+        SimWorld(4).run(body)
+    assert sorted(cleaned) == [1, 2, 3]
+    assert not _sim_threads()
+
+
+def test_many_worlds_end_cleanly_whatever_the_outcome() -> None:
+    def body(comm: SimComm, outcome: str) -> int:
+        comm.elapse(1e-3 * (comm.rank % 3))
+        comm.all_reduce_(torch.ones(4))
+        if outcome == "fail" and comm.rank == comm.world_size - 1:
+            raise RuntimeError("boom")
+        if outcome == "deadlock" and comm.rank == 0:
+            comm.recv(torch.empty(1))
+        return comm.rank
+
+    for i in range(30):
+        outcome = ("ok", "fail", "deadlock")[i % 3]
+        world = SimWorld(1 + i % 9)
+        if outcome == "ok":
+            assert world.run(lambda comm: body(comm, "ok")) == list(range(world.world_size))
+        else:
+            with pytest.raises(WorkerFailure if outcome == "fail" else DeadlockError):
+                world.run(lambda comm, o=outcome: body(comm, o))
+        assert not _sim_threads()
+
+
 def test_usage_errors_keep_their_type() -> None:
     def body(comm: SimComm) -> None:
         if comm.rank == 1:
@@ -270,6 +314,46 @@ def test_an_asynchronous_run_replays_bit_for_bit() -> None:
     assert len({src for _, src, _ in trace}) == 5  # a real any-source mix, not a fixed pattern
     other_trace, _ = _random_exchange(seed=12)
     assert other_trace != trace
+
+
+def test_workers_run_in_virtual_time_order() -> None:
+    """The scheduling rule itself: whatever a worker does, it does at the smallest (time, rank).
+
+    Every step of every worker is logged as (its clock, its rank) while it runs; the log, in real
+    order, must already be sorted.
+    """
+    n, rounds = 7, 25
+    plan = random.Random(5)
+    dsts = [[plan.choice([d for d in range(n) if d != r]) for _ in range(rounds)]
+            for r in range(n)]
+    log: list[tuple[float, int]] = []
+
+    def body(comm: SimComm) -> None:
+        me, rng = comm.rank, random.Random(100 + comm.rank)
+        senders = [r for r in range(n) for d in dsts[r] if d == me]
+        if me % 2:  # odd ranks take any sender's message, even ranks name the sender
+            senders = [None] * len(senders)
+        for dst in dsts[me]:  # sends never block, so receiving only afterwards cannot deadlock
+            comm.elapse(rng.choice([0.0, 1e-4, 2e-4, rng.expovariate(1e4)]))
+            log.append((_clock(comm), me))
+            comm.send(torch.zeros(rng.choice([1, 100, 10_000])), dst)
+            log.append((_clock(comm), me))
+        for src in senders:
+            comm.recv(torch.empty(0), src)
+            log.append((_clock(comm), me))
+            comm.elapse(rng.choice([0.0, 1e-5]))
+            log.append((_clock(comm), me))
+
+    world = SimWorld(n, NetworkModel(latency=5e-5, bandwidth=1e8))
+    original = sim._copy_into
+    sim._copy_into = lambda out, m, rank: None  # sizes vary: this test only cares when
+    try:
+        world.run(body)
+    finally:
+        sim._copy_into = original
+    assert len(log) == n * rounds * 4
+    assert log == sorted(log)
+    assert len({rank for _, rank in log[:50]}) > 1  # the workers really interleave
 
 
 # ------------------------------------------------------------------------------ counting

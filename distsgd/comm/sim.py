@@ -7,17 +7,19 @@ a conservative discrete-event simulation: a message sent at virtual time t can n
 t, and no worker runs while another could still act at an earlier time, so an any-source ``recv``
 always gets the message that arrives first in virtual time, and a run replays bit for bit.
 
-Scheduling. Every worker has a key, kept up to date in `SimWorld._keys` whenever its state, clock
-or (while it waits in ``recv``) its inbox changes: a ready worker's is (clock, rank); a worker
-blocked in ``recv`` has (max(clock, arrival of the first message it would take), rank); one that
-cannot act (waiting for a collective, done, failed) has `_IDLE`, after every other key. The
-smallest key is the next worker to run, and the running worker's is always the smallest: it only
-keeps running while that holds (`elapse`, a completed collective, `recv`), and everything another
-worker could still do happens at a later key. So the worker that gives up the baton chooses its
-successor itself, from state that nobody else is changing, and the choice is the same whatever
-thread makes it. The main thread (`SimWorld.run`) only starts the first worker and waits for the
-end of the run: all done, a failure, or a deadlock (no worker can act while some are unfinished).
-Each worker parks on its own raw lock (held from the start; one ``release`` wakes it), so a switch
+Scheduling. Each worker has a key: (clock, rank) when it is ready; (max(clock, arrival of the
+message it would take), rank) when it waits in ``recv`` and such a message is on its way; and
+`_IDLE`, after every other key, when it cannot act (a ``recv`` with nothing to take, a collective
+that others have yet to join, done, failed). `SimWorld._keys` holds them, updated wherever a
+state, a clock or a waiting receiver's inbox changes. The worker with the smallest key runs. It
+goes on only while its key is still the smallest (after `elapse`, after completing a collective,
+in `recv`), and nothing it does moves another worker to an earlier time: a message sent at t
+arrives at t or later, a collective ends no earlier than its members' clocks. When it must stop,
+it hands the baton straight to the worker with the smallest key; if no worker can act, it tells
+the main thread instead, which only starts rank 0 in `SimWorld.run` and then waits for the end:
+all done, a failure, or a deadlock (no worker can act while some are unfinished). The choice is
+made from state that nobody else is changing, so it does not matter which thread makes it. Each
+worker parks on its own raw lock (held from the start; one ``release`` wakes it), so a switch
 costs one OS wake-up.
 
 Network model (per link, defaults like 10 GbE): each worker has one full-duplex NIC that sends one
@@ -234,7 +236,7 @@ class SimWorld:
         finally:
             set_current(None)
         self._keys[w.rank] = _IDLE
-        if self._aborting:  # stopped meanwhile (only if the main thread itself was interrupted)
+        if self._aborting:  # the run is over already: nobody takes the baton any more
             return
         # A failure ends the run; otherwise the baton goes on (or the run ends if nobody can act).
         self._wake(None if w.state == "failed" else self._next())
