@@ -28,6 +28,10 @@ class WorkerFailure(DistSGDError, RuntimeError):
     """A worker (process or simulated thread) failed; the message names the rank and the cause."""
 
 
+class DivergenceError(WorkerFailure):
+    """A worker's loss or model became non-finite; the message names the worker and the step."""
+
+
 def check_range(
     name: str, value: float, low: float | None = None, high: float | None = None,
     *, low_open: bool = False, high_open: bool = False, meaning: str = "",

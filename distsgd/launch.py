@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from distsgd.comm.base import set_current
 from distsgd.comm.torch import PeerLost, TorchComm
-from distsgd.errors import CommTimeout, UsageError, WorkerFailure, check_range
+from distsgd.errors import CommTimeout, DivergenceError, UsageError, WorkerFailure, check_range
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # After a failure that is usually a consequence (a timeout, a lost peer), how long to wait for
@@ -397,6 +397,8 @@ def _describe(rank: int, error: BaseException) -> _Failure:
     if isinstance(error, UsageError):
         return _Failure(0, rank, str(error), usage=True, remote_traceback=text)
     priority = 2 if isinstance(error, PeerLost) else 1 if isinstance(error, CommTimeout) else 0
+    if isinstance(error, DivergenceError):  # its message already names the worker and step
+        return _Failure(priority, rank, str(error), remote_traceback=text)
     return _Failure(priority, rank, f"worker {rank} failed: {line}", remote_traceback=text)
 
 

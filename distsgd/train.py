@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from distsgd import algorithms, data, models
 from distsgd.algorithms.base import Algorithm, WorkerContext
 from distsgd.comm.base import Comm
-from distsgd.errors import UsageError, check_range
+from distsgd.errors import DivergenceError, UsageError, check_range
 from distsgd.optimizer import DistributedOptimizer, serve, split_roles
 
 BACKENDS = ("sim", "processes", "torchrun")
 SAMPLINGS = ("shard", "iid")
+DIVERGENCE = ("stop", "skip")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class RunConfig:
     compute_time: str = "flops"  # flops[:RATE], measured, or fixed seconds per step
     stragglers: tuple[tuple[int, float], ...] = ()  # (worker index, slowdown factor) pairs
     slowdown: str = "none"  # random per-step slowdown of every worker: none | lognormal:SIGMA
+    on_divergence: str = "stop"  # a non-finite loss: stop the run, or skip that update
     latency: float = 25e-6  # simulated network, seconds
     bandwidth: float = 1.25e9  # simulated network, bytes per second
     timeout: float = 120.0  # seconds any blocking operation may wait on real processes
@@ -93,6 +95,7 @@ class RunConfig:
         if self.eval_every is not None:
             check_range("eval_every", self.eval_every, 1)
         _choice("sampling", self.sampling, SAMPLINGS)
+        _choice("on_divergence", self.on_divergence, DIVERGENCE)
         ComputeModel.parse(self.compute_time)
         for index, factor in self.stragglers:
             check_range("straggler rank", index, 0, self.workers - 1)
@@ -270,9 +273,13 @@ def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Obs
     loss_sum, loss_count = 0.0, 0
 
     def snapshot() -> Contribution:
+        params = opt.ctx.flat.get()
+        if not torch.isfinite(params).all():  # never write a NaN model into the results
+            raise DivergenceError(f"worker {index} diverged: its model holds non-finite values "
+                                  f"after step {opt.ctx.step}")
         vector, weight = algorithm.evaluated(opt.ctx, opt.state)
         extra = algorithm.metrics(opt.ctx, opt.state) if index == 0 else {}
-        return Contribution(opt.ctx.flat.get(), vector, weight, loss_sum, loss_count,
+        return Contribution(params, vector, weight, loss_sum, loss_count,
                             comm.bytes_sent, comm.now(), extra)
 
     observer.begin(opt.ctx, snapshot)
@@ -283,7 +290,14 @@ def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Obs
         x, y = next(batches)
         started = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+        elif cfg.on_divergence == "stop":
+            raise DivergenceError(f"worker {index} diverged: loss {loss.item()} at step {step} "
+                                  "(lower --lr, or --on-divergence skip)")
+        # else: skip this update. The gradient stays zero, but the step still runs, so the
+        # algorithm's messages and collectives happen and no other worker waits for this one.
         measured = time.perf_counter() - started
         slow = straggle * next(jitter)
         comm.elapse(slow * compute.step_seconds(flops, len(y), measured))
@@ -291,7 +305,8 @@ def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Obs
             time.sleep((slow - 1.0) * measured)  # real processes: stragglers really wait
         opt.step()
         opt.zero_grad()
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+        if finite:
+            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
         if on_step is not None:
             on_step(step)
         observer.stepped(opt.ctx, step, snapshot)
