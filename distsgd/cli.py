@@ -1,4 +1,4 @@
-"""`distsgd train | list`: the command line.
+"""`distsgd train | list | compare | report`: the command line.
 
 Bad input (an unknown name, a value out of range, missing data) ends with exit status 2 and one
 line naming the problem and the valid choices; a failed run (a crashed worker, a timeout, a
@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_parser(sub: Any) -> None:
     from distsgd import data, models
-    from distsgd.train import BACKENDS, SAMPLINGS, RunConfig
+    from distsgd.train import BACKENDS, DIVERGENCE, SAMPLINGS, RunConfig
 
     d = RunConfig()
     p = sub.add_parser("train", help="train one model with one algorithm",
@@ -63,6 +63,9 @@ def _train_parser(sub: Any) -> None:
                    help="make worker RANK (0..workers-1) FACTOR times slower (repeatable)")
     p.add_argument("--slowdown", default=d.slowdown,
                    help="seeded random slowdown of every step: none | lognormal:SIGMA")
+    p.add_argument("--on-divergence", choices=DIVERGENCE, default=d.on_divergence,
+                   help="a non-finite loss: stop the run naming worker and step (default), or "
+                        "skip that update")
     p.add_argument("--latency", type=float, default=d.latency, help="simulated, seconds")
     p.add_argument("--bandwidth", type=float, default=d.bandwidth, help="simulated, bytes/s")
     p.add_argument("--timeout", type=float, default=d.timeout,
@@ -110,12 +113,87 @@ def _train(args: argparse.Namespace) -> int:
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
         eval_every=args.eval_every, sampling=args.sampling, compute_time=args.compute_time,
         stragglers=_parse_stragglers(args.straggler), slowdown=args.slowdown,
+        on_divergence=args.on_divergence,
         latency=args.latency, bandwidth=args.bandwidth, timeout=args.timeout, out=args.out,
         data_dir=args.data_dir,
         progress=sys.stderr.isatty() if args.progress is None else args.progress)
     result = run(cfg)
     if result.summary:
         print(format_summary(result.summary, str(result.out)))
+    return 0
+
+
+def _compare_parser(sub: Any) -> None:
+    from distsgd.compare import BACKENDS
+
+    p = sub.add_parser(
+        "compare", help="run a grid: algorithms x workers x hyperparameters x seeds",
+        description="Run a grid of training runs, each cell a run folder under --out; cells "
+                    "already finished there are not rerun. The grid comes from a TOML file (its "
+                    "format: `python -c 'import distsgd.compare; help(distsgd.compare)'`), from "
+                    "flags, or both (flags replace the file's entries).")
+    p.add_argument("spec", nargs="?", metavar="GRID.toml", help="grid file")
+    p.add_argument("--algorithm", "-a", metavar="A[,A...]", help="algorithms (`distsgd list`)")
+    p.add_argument("--workers", "-n", metavar="N[,N...]", help="worker counts (default 4)")
+    p.add_argument("--seed", metavar="S[,S...]", help="seeds (default 0)")
+    p.add_argument("--set", dest="settings", action="append", default=[],
+                   metavar="[ALGORITHM.]NAME=V[,V...]",
+                   help="hyperparameter values, for every algorithm that has NAME (repeatable)")
+    p.add_argument("--steps", type=int, help="steps per worker, every cell")
+    p.add_argument("--epochs", type=float, help="passes over the training set, every cell")
+    p.add_argument("--dataset", help="every cell's dataset")
+    p.add_argument("--model", help="every cell's model")
+    p.add_argument("--backend", choices=BACKENDS, help="every cell's backend (default sim)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other fixed run option, e.g. lr=0.1 or batch_size=16 (repeatable)")
+    p.add_argument("--out", help="parent folder (default runs/compare-<time>); reuse it to resume")
+    p.add_argument("--jobs", "-j", type=int, default=1, help="cells run at once (processes)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="live progress line (default: when stderr is a terminal)")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from distsgd import compare
+
+    flags = {"steps": args.steps, "epochs": args.epochs, "dataset": args.dataset,
+             "model": args.model, "backend": args.backend}
+    options = {k: v for k, v in flags.items() if v is not None}
+    for item in args.option:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--option {item!r} is not NAME=VALUE (e.g. --option lr=0.1)")
+        options[name.strip()] = value
+    doc = compare.override(compare.load(args.spec) if args.spec else {},
+                           algorithm=args.algorithm, workers=args.workers, seed=args.seed,
+                           settings=args.settings, options=options)
+    out = args.out or compare.default_out()
+    results = compare.run_grid(doc, out, jobs=args.jobs,
+                               display=compare.Display(sys.stderr, live=args.progress))
+    print(compare.format_table(results))
+    print(f"run folders: {out} (cells listed in grid.json)")
+    return EXIT_FAILED if any(not r.ok for r in results) else 0
+
+
+def _report_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "report", help="plots, an HTML page and a Markdown table from run folders",
+        description="Report run folders: PNG plots, one self-contained report.html (plots, a "
+                    "sortable summary table, the configs) and report.md (the table). A run still "
+                    "going is reported with the evaluations written so far.")
+    p.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="run folders, or folders holding them (e.g. a `compare` --out)")
+    p.add_argument("--out", default=None,
+                   help="report folder (default DIR/report for one DIR, ./report for several)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from distsgd.report import make_report
+
+    report = make_report(args.dirs, args.out)
+    unfinished = sum(not r.finished for r in report.runs)
+    print(f"distsgd report: {len(report.runs)} runs ({unfinished} unfinished) -> {report.out}")
+    for path in (report.html, report.markdown, *report.plots):
+        print(f"  {path}")
     return 0
 
 
@@ -169,13 +247,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "in a deterministic simulator and on real torch.distributed processes.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
+    _compare_parser(sub)
+    _report_parser(sub)
     sub.add_parser("list", help="every algorithm with its paper and hyperparameters")
     try:
         args = parser.parse_args(argv)
         if args.command == "list":
             sys.stdout.write(describe_algorithms())
             return 0
-        return _train(args)
+        if args.command == "report":
+            return _report(args)
+        return _compare(args) if args.command == "compare" else _train(args)
     except UsageError as e:
         print(f"distsgd: error: {e}", file=sys.stderr)
         return EXIT_USAGE

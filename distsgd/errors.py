@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import types
+import typing
+from typing import Any
 
 
 class DistSGDError(Exception):
@@ -30,6 +33,27 @@ class WorkerFailure(DistSGDError, RuntimeError):
 
 class DivergenceError(WorkerFailure):
     """A worker's loss or model became non-finite; the message names the worker and the step."""
+
+
+def check_type(name: str, value: object, hint: Any) -> None:
+    """Raise `UsageError` when `value` does not have the declared type `hint`.
+
+    int and float accept no bool; float accepts an int; containers are checked shallowly.
+    """
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is Any or (option is type(None) and value is None):
+            return
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if option not in (int, float) and isinstance(origin, type) and isinstance(value, origin):
+            return
+    kinds = " or ".join("none" if o is type(None) else getattr(o, "__name__", str(o))
+                        for o in options)
+    raise UsageError(f"{name}={value!r} is not a valid {kinds}")
 
 
 def check_range(

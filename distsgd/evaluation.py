@@ -112,8 +112,8 @@ class Evaluator:
             "virtual_time_s": last["virtual_time_s"],
             # Throughput in the time that matters for the backend: modelled in the simulator.
             "samples_per_s": last["samples"] / elapsed if elapsed else None,
-            **{k: v for k, v in last.items() if k not in METRIC_FIELDS and k not in (
-                "bytes_sent_per_worker")},
+            **{k: v for k, v in last.items()
+               if k not in METRIC_FIELDS and k != "bytes_sent_per_worker"},
         }
 
 

@@ -75,8 +75,17 @@ class RunFolder:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    lines = Path(path, "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The metrics lines so far; a run still writing may have left its last line half written,
+    which is skipped."""
+    lines = [line for line in Path(path, "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records
 
 
 def read_summary(path: str | Path) -> dict[str, Any]:

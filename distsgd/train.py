@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from distsgd import algorithms, data, models
 from distsgd.algorithms.base import Algorithm, WorkerContext
 from distsgd.comm.base import Comm
-from distsgd.errors import DivergenceError, UsageError, check_range
+from distsgd.errors import DivergenceError, UsageError, check_range, check_type
 from distsgd.optimizer import DistributedOptimizer, serve, split_roles
 
 BACKENDS = ("sim", "processes", "torchrun")
@@ -69,12 +70,17 @@ class RunConfig:
         if unknown:
             valid = ", ".join(sorted(names))
             raise UsageError(f"unknown option {unknown[0]!r}; valid options: {valid}")
+        if isinstance(options.get("stragglers"), list):  # JSON and TOML give lists
+            options["stragglers"] = tuple(tuple(pair) for pair in options["stragglers"])
         cfg = cls(**options)
         cfg.check()
         return cfg
 
     def check(self) -> None:
         """Validate every field up front, naming the bad one and its valid values."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            check_type(f.name, getattr(self, f.name), hints[f.name])
         algorithms.get(self.algorithm)
         check_range("workers", self.workers, 1)
         _choice("backend", self.backend, BACKENDS)
@@ -104,7 +110,9 @@ class RunConfig:
         check_range("latency", self.latency, 0)
         check_range("bandwidth", self.bandwidth, 0, low_open=True)
         check_range("timeout", self.timeout, 0, low_open=True)
-        self.make_algorithm()
+        # Checks that need the run (e.g. crossover's groups against the workers) fail here,
+        # before any data is loaded or process started; warnings are printed when it starts.
+        self.make_algorithm().validate(self.workers, self.learning_rate)
 
     def make_algorithm(self) -> Algorithm:
         typed = {k: v for k, v in self.hyperparameters.items() if not isinstance(v, str)}

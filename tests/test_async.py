@@ -278,3 +278,16 @@ def test_sparse_pushes_are_counted_as_indices_and_values(tmp_path: Path) -> None
     assert server.bytes_by_verb["send"] > pushes * 4 * numel
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["staleness_mean"] is not None
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_the_summary_staleness_equals_the_servers_own_figures(shards: int,
+                                                               tmp_path: Path) -> None:
+    from distsgd.algorithms.ps import merge_figures
+
+    result = distsgd.train(algorithm="ssp", workers=3, steps=20, model="mlp",
+                           hyperparameters={"shards": shards}, stragglers=((1, 3.0),),
+                           out=str(tmp_path))
+    servers = merge_figures([w.figures for w in result.workers if w.figures])
+    for key in ("staleness_mean", "staleness_max", "staleness_histogram", "ssp_max_clock_gap"):
+        assert result.summary[key] == servers[key]

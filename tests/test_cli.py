@@ -90,8 +90,6 @@ def test_bad_input_exits_2_with_one_message(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    if "--dataset" in argv and "cifar10" in argv:
-        argv += ["--no-download"] if False else []
     out = tmp_path / "never"
     code = cli.main(["train", *argv, "--steps" if "--steps" not in argv and "--epochs" not in argv
                      else "--seed", "3", "--out", str(out), "--no-progress"])

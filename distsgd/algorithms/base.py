@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from distsgd.comm.base import Comm, Group
-from distsgd.errors import UsageError, check_range
+from distsgd.errors import UsageError, check_range, check_type
 from distsgd.flat import FlatState
 
 
@@ -163,11 +163,13 @@ def type_hints(cls: type) -> dict[str, Any]:
 
 def check_fields(config: Algorithm) -> None:
     """Raise `UsageError` naming the first hyperparameter outside its declared range."""
+    hints = type_hints(type(config))
     for f in dataclasses.fields(config):
         meta, value = f.metadata, getattr(config, f.name)
+        where = f"{config.name}: {f.name}"
+        check_type(where, value, hints[f.name])
         if not meta or value is None:
             continue
-        where = f"{config.name}: {f.name}"
         if meta.get("choices") is not None and value not in meta["choices"]:
             raise UsageError(f"{where}={value!r} is not a valid choice; valid choices: "
                              f"{', '.join(map(str, meta['choices']))}")

@@ -350,8 +350,8 @@ class SimWorld:
         return m.src
 
     def elapse(self, rank: int, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError(f"elapse({seconds}): time cannot run backwards")
+        if not 0 <= seconds < math.inf:  # NaN too: it would not compare when scheduling
+            raise ValueError(f"elapse({seconds}): seconds must be finite and >= 0")
         w = self._workers[rank]
         w.clock += seconds
         self._keys[rank] = (w.clock, rank)

@@ -1,0 +1,201 @@
+"""`distsgd report`: plots, the HTML page (checked in headless Chromium) and the Markdown table.
+
+The runs are tiny (6 steps of an MLP on 2 workers): the report only needs their folders' shape.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import distsgd
+from distsgd import cli
+from distsgd.errors import UsageError
+from distsgd.report import Report, make_report
+
+pytestmark = pytest.mark.timeout(120)
+CHROMIUM = Path("/usr/bin/chromium")
+PLOTS = {"vs_steps.png", "vs_virtual_time.png", "vs_real_time.png", "vs_bytes_sent.png",
+         "consensus_distance.png", "staleness.png"}
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A parent folder like `compare` writes: three finished runs and one still going."""
+    root = tmp_path_factory.mktemp("grid")
+    runs: list[tuple[str, dict[str, Any]]] = [
+        ("sgp", {"algorithm": "sgp"}),
+        ("allreduce", {"algorithm": "allreduce", "lr": 0.2}),
+        ("ssp", {"algorithm": "ssp"}),  # a parameter server: it has a staleness histogram
+    ]
+    for name, options in runs:
+        distsgd.train(steps=6, model="mlp", workers=2, eval_every=2, out=str(root / name),
+                      **options)
+    # A run caught mid-way: no summary yet, and its last line only half appended.
+    running = root / "nested" / "running"
+    shutil.copytree(root / "sgp", running)
+    (running / "summary.json").unlink()
+    lines = (running / "metrics.jsonl").read_text().splitlines()
+    (running / "metrics.jsonl").write_text("\n".join(lines[:2]) + '\n{"step": 4, "epo')
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(grid: Path, tmp_path_factory: pytest.TempPathFactory) -> Report:
+    return make_report([grid], tmp_path_factory.mktemp("report"))
+
+
+def test_plots_are_nontrivial_images(report: Report) -> None:
+    from matplotlib.image import imread
+
+    assert {p.name for p in report.plots} == PLOTS
+    for path in report.plots:
+        pixels = imread(path)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 300, path.name
+        colours = np.unique(pixels.reshape(-1, pixels.shape[2]), axis=0)
+        assert len(colours) > 20, f"{path.name} is nearly blank"
+
+
+def test_markdown_has_a_row_per_run_with_distinguishing_labels(report: Report) -> None:
+    lines = report.markdown.read_text().splitlines()
+    assert lines[0].startswith("| run | status |") and set(lines[1]) <= set("|-: ")
+    # The first cell, with the Markdown escapes (of the brackets) undone.
+    rows = {re.sub(r"\\(.)", r"\1", line.split(" | ")[0].removeprefix("| ")): line
+            for line in lines[2:]}
+    # lr is told only among runs of one algorithm (its default is the algorithm's); the unfinished
+    # copy of the sgp run has the same config, so its folder tells it apart.
+    assert set(rows) == {"sgp [sgp]", "sgp [running]", "allreduce", "ssp"}
+    assert "| finished |" in rows["ssp"] and "| unfinished |" in rows["sgp [running]"]
+
+
+def test_an_unfinished_run_is_reported_with_its_evaluations_so_far(report: Report) -> None:
+    running = next(r for r in report.runs if not r.finished)
+    assert [m["step"] for m in running.metrics] == [0, 2]  # the torn last line is left out
+    assert running.summary["steps"] == 2 and running.summary["algorithm"] == "sgp"
+    assert running.summary["test_accuracy"] == running.metrics[-1]["test_accuracy"]
+
+
+def test_page_is_self_contained_and_escapes_folder_text(grid: Path, tmp_path: Path) -> None:
+    hostile = "<img src=x onerror=alert(1)>"
+    run = tmp_path / "runs" / hostile
+    shutil.copytree(grid / "ssp", run)
+    shutil.copytree(grid / "ssp", tmp_path / "runs" / "plain")  # so the folder names the run
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data_dir": "</pre><script>x()"}))
+    page = make_report([tmp_path / "runs"], tmp_path / "out").html.read_text()
+    assert hostile not in page and "<script>x()" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    # No external asset: every src is a data URI, and nothing is fetched from anywhere.
+    assert re.findall(r'src="([a-z]+):', page) == ["data"] * len(PLOTS)
+    assert "http://" not in page and "https://" not in page
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "\\<img src=x onerror=alert(1)\\>" in md
+
+
+def test_cli_prints_where_it_wrote(
+    grid: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["report", str(grid / "ssp"), str(grid / "sgp"), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"distsgd report: 2 runs (0 unfinished) -> {tmp_path}")
+    for name in ("report.html", "report.md", "staleness.png"):
+        assert str(tmp_path / name) in printed and (tmp_path / name).is_file()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "missing", "does not exist"),
+    (lambda tmp: tmp, "holds no run folder"),
+    (lambda tmp: Path(shutil.copy(__file__, tmp)), "is not a folder"),
+])
+def test_bad_folders_exit_2_with_one_line(
+    make: Any, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["report", str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_broken_metrics_line_is_named(grid: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(grid / "sgp", run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    with pytest.raises(UsageError, match=r"metrics.jsonl line 2 is not valid JSON"):
+        make_report([run], tmp_path / "out")
+
+
+# --- the page in a browser ----------------------------------------------------------------------
+
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent: install Debian's `chromium` "
+                                  "package (.ci/run does so when it runs as root)")
+
+
+def chromium(page: Path, tmp_path: Path) -> tuple[str, list[str]]:
+    """The DOM after the page's scripts ran, and every console message it logged."""
+    done = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
+         "--v=0", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=60, check=True)
+    # Chromium logs its own complaints (no D-Bus in a container) too; only the page's count.
+    return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+
+
+class _Elements(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.found.append((tag, dict(attrs)))
+
+
+def elements(dom: str, tag: str) -> list[dict[str, str | None]]:
+    parser = _Elements()
+    parser.feed(dom)
+    return [attrs for name, attrs in parser.found if name == tag]
+
+
+@needs_chromium
+def test_page_loads_in_chromium_with_the_table_and_plots(report: Report, tmp_path: Path) -> None:
+    dom, console = chromium(report.html, tmp_path)
+    assert console == []  # no error, no CSP violation, nothing at all
+    tables = elements(dom, "table")
+    assert tables == [{"id": "summary", "data-sortable": "ready"}]  # its script ran
+    assert len(elements(dom, "tr")) == 1 + len(report.runs)
+    images = [img["src"] or "" for img in elements(dom, "img")]
+    assert len(images) == len(PLOTS) and all(s.startswith("data:image/png;base64,") for s in images)
+
+
+@needs_chromium
+def test_clicking_a_heading_sorts_the_table(report: Report, tmp_path: Path) -> None:
+    # The page plus a script that clicks "test accuracy" twice and writes down the orders.
+    probe = """<script>
+      const head = Array.from(document.querySelectorAll("#summary th"));
+      const col = head.findIndex((th) => th.textContent === "test accuracy");
+      const order = () => Array.from(document.querySelectorAll("#summary tbody tr"),
+                                     (tr) => tr.cells[col].dataset.value);
+      head[col].querySelector("button").click();
+      document.body.dataset.ascending = JSON.stringify(order());
+      head[col].querySelector("button").click();
+      document.body.dataset.descending = JSON.stringify(order());
+    </script></body>"""
+    page = tmp_path / "probe.html"
+    page.write_text(report.html.read_text().replace("</body>", probe))
+    dom, console = chromium(page, tmp_path)
+    assert console == []
+    body = elements(dom, "body")[0]
+    ascending = [float(v) for v in json.loads(body["data-ascending"] or "")]
+    descending = [float(v) for v in json.loads(body["data-descending"] or "")]
+    assert len(ascending) == len(report.runs)
+    assert ascending == sorted(ascending) and descending == ascending[::-1]
