@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -14,7 +13,6 @@ from distsgd.algorithms.ps import (
     ClientState,
     ParameterServerAlgorithm,
     Shard,
-    evaluated_from_server,
     start_client,
 )
 
@@ -104,15 +102,6 @@ class AsyncSparse(ParameterServerAlgorithm):
         state.anchor = state.client.pull()
         r.buffers = state.anchor[n:].clone()
         ctx.flat.set_(state.anchor)
-
-    def finish(self, ctx: WorkerContext, state: ClientState) -> None:
-        state.client.done()
-
-    def evaluated(self, ctx: WorkerContext, state: ClientState) -> tuple[torch.Tensor, float]:
-        return evaluated_from_server(ctx, state)
-
-    def metrics(self, ctx: WorkerContext, state: ClientState) -> dict[str, Any]:
-        return state.figures
 
     # -------------------------------------------------------------------- server side
     def server_init(self, shard: Shard, ctx: WorkerContext) -> Velocity:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -13,8 +12,6 @@ from distsgd.algorithms.ps import (
     ClientState,
     ParameterServerAlgorithm,
     Shard,
-    evaluated_from_server,
-    start_client,
 )
 
 VARIANTS = ("plain", "momentum", "average", "moving-average")
@@ -52,9 +49,6 @@ class Downpour(ParameterServerAlgorithm):
     def default_lr(self) -> float:
         return 0.05 * (1 - self.delta) if self.variant == "momentum" else 0.05
 
-    def init(self, ctx: WorkerContext) -> ClientState:
-        return start_client(ctx, self)
-
     def after_step(self, ctx: WorkerContext, state: ClientState) -> None:
         if (ctx.step + 1) % self.period:
             return
@@ -62,15 +56,6 @@ class Downpour(ParameterServerAlgorithm):
         state.client.push(x - state.anchor)  # the updates accumulated since the last pull
         state.anchor = state.client.pull()
         ctx.flat.set_(state.anchor)
-
-    def finish(self, ctx: WorkerContext, state: ClientState) -> None:
-        state.client.done()
-
-    def evaluated(self, ctx: WorkerContext, state: ClientState) -> tuple[torch.Tensor, float]:
-        return evaluated_from_server(ctx, state)
-
-    def metrics(self, ctx: WorkerContext, state: ClientState) -> dict[str, Any]:
-        return state.figures
 
     # -------------------------------------------------------------------- server side
     def server_init(self, shard: Shard, ctx: WorkerContext) -> ServerExtras:

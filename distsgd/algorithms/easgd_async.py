@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -13,7 +12,6 @@ from distsgd.algorithms.base import WorkerContext, hyperparameter
 from distsgd.algorithms.ps import (
     ClientState,
     ParameterServerAlgorithm,
-    evaluated_from_server,
     start_client,
 )
 
@@ -62,15 +60,6 @@ class EASGDAsync(ParameterServerAlgorithm):
     def elastic_point(self, ctx: WorkerContext, state: ClientState) -> torch.Tensor:
         """The x whose distance to x̃ the elastic force acts on (the model itself here)."""
         return ctx.flat.get()
-
-    def finish(self, ctx: WorkerContext, state: ClientState) -> None:
-        state.client.done()
-
-    def evaluated(self, ctx: WorkerContext, state: ClientState) -> tuple[torch.Tensor, float]:
-        return evaluated_from_server(ctx, state)
-
-    def metrics(self, ctx: WorkerContext, state: ClientState) -> dict[str, Any]:
-        return state.figures
 
 
 @register

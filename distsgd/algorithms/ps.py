@@ -86,6 +86,19 @@ class ParameterServerAlgorithm(Algorithm):
     def servers(self, workers: int) -> int:
         return self.shards
 
+    # ------------------------------------------------- the worker's side, shared by all
+    def init(self, ctx: WorkerContext) -> ClientState:
+        return start_client(ctx, self)
+
+    def finish(self, ctx: WorkerContext, state: ClientState) -> None:
+        state.client.done()
+
+    def evaluated(self, ctx: WorkerContext, state: ClientState) -> tuple[torch.Tensor, float]:
+        return evaluated_from_server(ctx, state)
+
+    def metrics(self, ctx: WorkerContext, state: ClientState) -> dict[str, Any]:
+        return state.figures
+
     # ----------------------------------------------------------- the server's decisions
     def server_init(self, shard: Shard, ctx: WorkerContext) -> Any:
         return None

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
-import torch
 
 from distsgd.algorithms import register
 from distsgd.algorithms.base import WorkerContext, hyperparameter
 from distsgd.algorithms.ps import (
     ClientState,
     ParameterServerAlgorithm,
-    evaluated_from_server,
-    start_client,
 )
 from distsgd.errors import UsageError
 
@@ -53,9 +48,6 @@ class SSP(ParameterServerAlgorithm):
     def default_lr(self) -> float:
         return 0.5  # = 0.05 / (1 − 0.9): the effective step of momentum SGD at 0.05
 
-    def init(self, ctx: WorkerContext) -> ClientState:
-        return start_client(ctx, self)
-
     def after_step(self, ctx: WorkerContext, state: ClientState) -> None:
         x = ctx.flat.get()
         update = (x - state.anchor).div_(ctx.workers)
@@ -65,11 +57,3 @@ class SSP(ParameterServerAlgorithm):
         state.anchor = state.client.pull(needed_clock=clock - self.s)
         ctx.flat.set_(state.anchor)
 
-    def finish(self, ctx: WorkerContext, state: ClientState) -> None:
-        state.client.done()
-
-    def evaluated(self, ctx: WorkerContext, state: ClientState) -> tuple[torch.Tensor, float]:
-        return evaluated_from_server(ctx, state)
-
-    def metrics(self, ctx: WorkerContext, state: ClientState) -> dict[str, Any]:
-        return state.figures

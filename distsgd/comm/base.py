@@ -125,6 +125,23 @@ class ByteCounter:
             self._paused -= 1
 
 
+class Counted:
+    """The byte-counting half of `Comm`, shared by every backend: needs ``self._counter``."""
+
+    _counter: ByteCounter
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._counter.total
+
+    @property
+    def bytes_by_verb(self) -> dict[str, int]:
+        return dict(self._counter.by_verb)
+
+    def uncounted(self) -> contextlib.AbstractContextManager[None]:
+        return self._counter.paused()
+
+
 def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from distsgd.comm.base import ByteCounter, Group
+from distsgd.comm.base import ByteCounter, Counted, Group
 
 
-class LocalComm:
+class LocalComm(Counted):
     """The `Comm` of a single worker: collectives are identities, point-to-point is an error."""
 
     def __init__(self) -> None:
@@ -57,13 +56,3 @@ class LocalComm:
     def now(self) -> float | None:
         return None
 
-    @property
-    def bytes_sent(self) -> int:
-        return self._counter.total
-
-    @property
-    def bytes_by_verb(self) -> dict[str, int]:
-        return dict(self._counter.by_verb)
-
-    def uncounted(self) -> contextlib.AbstractContextManager[None]:
-        return self._counter.paused()

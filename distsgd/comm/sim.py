@@ -46,6 +46,7 @@ import torch
 
 from distsgd.comm.base import (
     ByteCounter,
+    Counted,
     Group,
     nbytes,
     ring_allreduce_bytes,
@@ -426,13 +427,14 @@ def _copy_into(out: torch.Tensor, m: _Message, rank: int) -> None:
     out.copy_(m.payload)
 
 
-class SimComm:
+class SimComm(Counted):
     """One simulated worker's `Comm`; blocking verbs never block in real time."""
 
     def __init__(self, world: SimWorld, rank: int) -> None:
         self._world = world
         self._rank = rank
         self._everyone = Group(tuple(range(world.world_size)))
+        self._counter = world._workers[rank].counter
 
     @property
     def rank(self) -> int:
@@ -442,20 +444,6 @@ class SimComm:
     def world_size(self) -> int:
         return self._world.world_size
 
-    @property
-    def _counter(self) -> ByteCounter:
-        return self._world._workers[self._rank].counter
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._counter.total
-
-    @property
-    def bytes_by_verb(self) -> dict[str, int]:
-        return dict(self._counter.by_verb)
-
-    def uncounted(self) -> contextlib.AbstractContextManager[None]:
-        return self._counter.paused()
 
     def _check_peer(self, peer: int, what: str) -> None:
         if not 0 <= peer < self.world_size or peer == self._rank:

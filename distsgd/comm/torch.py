@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +50,7 @@ import torch.distributed as dist
 
 from distsgd.comm.base import (
     ByteCounter,
+    Counted,
     Group,
     nbytes,
     ring_allreduce_bytes,
@@ -75,7 +75,7 @@ class PeerLost(WorkerFailure):
     """
 
 
-class TorchComm:
+class TorchComm(Counted):
     """The `Comm` of one process of an initialised gloo default process group.
 
     `timeout` (seconds, > 0) is the default of every blocking verb. Initialise the process group
@@ -155,16 +155,6 @@ class TorchComm:
         return None if fn is None else fn()
 
     # ---------------------------------------------------------------------- counting
-    @property
-    def bytes_sent(self) -> int:
-        return self._counter.total
-
-    @property
-    def bytes_by_verb(self) -> dict[str, int]:
-        return dict(self._counter.by_verb)
-
-    def uncounted(self) -> contextlib.AbstractContextManager[None]:
-        return self._counter.paused()
 
     # ------------------------------------------------------------------ point to point
     def send(self, tensor: torch.Tensor, dst: int) -> None:
