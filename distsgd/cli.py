@@ -68,6 +68,9 @@ def _train_parser(sub: Any) -> None:
                         "skip that update")
     p.add_argument("--latency", type=float, default=d.latency, help="simulated, seconds")
     p.add_argument("--bandwidth", type=float, default=d.bandwidth, help="simulated, bytes/s")
+    p.add_argument("--link", action="append", default=[], metavar="A:B:LATENCY:BANDWIDTH",
+                   help="simulated: one link's latency (s) and bandwidth (bytes/s) between global "
+                        "ranks A and B, both directions (repeatable)")
     p.add_argument("--timeout", type=float, default=d.timeout,
                    help="seconds a blocking operation may wait on real processes")
     p.add_argument("--out", default=None, help="run folder (default runs/<time>-<algorithm>)")
@@ -100,6 +103,20 @@ def _parse_stragglers(items: list[str]) -> tuple[tuple[int, float], ...]:
     return tuple(out)
 
 
+def _parse_links(items: list[str]) -> tuple[tuple[int, int, float, float], ...]:
+    out = []
+    for item in items:
+        parts = item.split(":")
+        try:
+            if len(parts) != 4:
+                raise ValueError(item)
+            out.append((int(parts[0]), int(parts[1]), float(parts[2]), float(parts[3])))
+        except ValueError:
+            raise UsageError(f"--link {item!r} is not A:B:LATENCY:BANDWIDTH (e.g. --link "
+                             "0:1:1e-3:1.25e7)") from None
+    return tuple(out)
+
+
 def _train(args: argparse.Namespace) -> int:
     from distsgd import launch
     from distsgd.runtime import run
@@ -113,7 +130,7 @@ def _train(args: argparse.Namespace) -> int:
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
         eval_every=args.eval_every, sampling=args.sampling, compute_time=args.compute_time,
         stragglers=_parse_stragglers(args.straggler), slowdown=args.slowdown,
-        on_divergence=args.on_divergence,
+        on_divergence=args.on_divergence, links=_parse_links(args.link),
         latency=args.latency, bandwidth=args.bandwidth, timeout=args.timeout, out=args.out,
         data_dir=args.data_dir,
         progress=sys.stderr.isatty() if args.progress is None else args.progress)

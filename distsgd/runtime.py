@@ -16,7 +16,7 @@ import torch
 
 from distsgd import data
 from distsgd.comm.base import Comm
-from distsgd.comm.sim import NetworkModel, SimWorld
+from distsgd.comm.sim import Link, NetworkModel, SimWorld
 from distsgd.errors import UsageError
 from distsgd.evaluation import BudgetObserver, CollectiveObserver, Evaluator, SimObserver
 from distsgd.metrics import RunFolder, default_run_dir, read_metrics, read_summary
@@ -60,7 +60,11 @@ def _prepare(cfg: RunConfig) -> RunFolder:
 
 
 def _simulate(cfg: RunConfig, dataset: data.Dataset, folder: RunFolder) -> list[WorkerResult]:
-    world = SimWorld(cfg.world_size(), NetworkModel(cfg.latency, cfg.bandwidth))
+    # --link A:B:LATENCY:BANDWIDTH overrides both directions of one link (global ranks).
+    links = {}
+    for a, b, latency, bandwidth in cfg.links:
+        links[(a, b)] = links[(b, a)] = Link(latency, bandwidth)
+    world = SimWorld(cfg.world_size(), NetworkModel(cfg.latency, cfg.bandwidth, links))
     total = cfg.total_steps(dataset)
     evaluator = Evaluator(cfg, dataset, folder, total)
     evals = eval_steps(cfg, total)

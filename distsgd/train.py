@@ -56,6 +56,7 @@ class RunConfig:
     on_divergence: str = "stop"  # a non-finite loss: stop the run, or skip that update
     latency: float = 25e-6  # simulated network, seconds
     bandwidth: float = 1.25e9  # simulated network, bytes per second
+    links: tuple[tuple[int, int, float, float], ...] = ()  # (rank, rank, latency, bandwidth)
     timeout: float = 120.0  # seconds any blocking operation may wait on real processes
     out: str | None = None  # run folder; None: runs/<timestamp>-<algorithm>
     data_dir: str | None = None  # dataset cache; None: $DISTSGD_DATA or ~/.cache/distsgd
@@ -70,8 +71,9 @@ class RunConfig:
         if unknown:
             valid = ", ".join(sorted(names))
             raise UsageError(f"unknown option {unknown[0]!r}; valid options: {valid}")
-        if isinstance(options.get("stragglers"), list):  # JSON and TOML give lists
-            options["stragglers"] = tuple(tuple(pair) for pair in options["stragglers"])
+        for key in ("stragglers", "links"):  # JSON and TOML give lists
+            if isinstance(options.get(key), list):
+                options[key] = tuple(tuple(item) for item in options[key])
         cfg = cls(**options)
         cfg.check()
         return cfg
@@ -110,6 +112,12 @@ class RunConfig:
         check_range("latency", self.latency, 0)
         check_range("bandwidth", self.bandwidth, 0, low_open=True)
         check_range("timeout", self.timeout, 0, low_open=True)
+        world = self.world_size()
+        for a, b, latency, bandwidth in self.links:
+            check_range("link rank", a, 0, world - 1)
+            check_range("link rank", b, 0, world - 1)
+            check_range("link latency", latency, 0)
+            check_range("link bandwidth", bandwidth, 0, low_open=True)
         # Checks that need the run (e.g. crossover's groups against the workers) fail here,
         # before any data is loaded or process started; warnings are printed when it starts.
         self.make_algorithm().validate(self.workers, self.learning_rate)

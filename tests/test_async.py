@@ -291,3 +291,16 @@ def test_the_summary_staleness_equals_the_servers_own_figures(shards: int,
     servers = merge_figures([w.figures for w in result.workers if w.figures])
     for key in ("staleness_mean", "staleness_max", "staleness_histogram", "ssp_max_clock_gap"):
         assert result.summary[key] == servers[key]
+
+
+def test_a_slow_link_slows_only_the_algorithms_that_use_it(tmp_path: Path) -> None:
+    # Rank 0 is downpour's server: a slow link to worker 3 (rank 3) delays that worker's
+    # round trips. Crossing no other link, it leaves every other link's timing alone.
+    base = dict(workers=3, steps=10, model="mlp", eval_every=5)
+    fast = distsgd.train(algorithm="downpour", **base, out=str(tmp_path / "fast"))
+    slow = distsgd.train(algorithm="downpour", **base, links=[(0, 3, 1e-3, 1e6)],
+                         out=str(tmp_path / "slow"))
+    assert slow.workers[3].virtual_time_s > fast.workers[3].virtual_time_s + 10 * 2e-3
+    with pytest.raises(distsgd.UsageError, match="link rank=4 is out of range"):
+        distsgd.train(algorithm="downpour", **base, links=[(0, 4, 1e-3, 1e6)],
+                      out=str(tmp_path / "bad"))
