@@ -393,13 +393,6 @@ def _stream(dataset: Dataset, pool: torch.Tensor, batch_size: int, seed: int,
         yield dataset.x_train[idx], dataset.y_train[idx]
 
 
-def steps_per_epoch(dataset: Dataset, workers: int, batch_size: int) -> int:
-    """Steps after which the workers together have seen about one pass of the train set."""
-    if workers < 1 or batch_size < 1:
-        raise UsageError(f"workers={workers} and batch_size={batch_size} must both be at least 1")
-    return max(1, math.ceil(len(dataset.y_train) / (workers * batch_size)))
-
-
 # --- evaluation -----------------------------------------------------------------------------------
 
 @torch.no_grad()

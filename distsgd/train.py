@@ -143,8 +143,10 @@ class RunConfig:
         if self.steps is not None:
             return self.steps
         epochs = self.epochs if self.epochs is not None else self.DEFAULT_EPOCHS
-        return max(1, math.ceil(epochs * data.steps_per_epoch(dataset, self.workers,
-                                                              self.batch_size)))
+        # Enough steps for all workers together to see `epochs` times the training set (rounding
+        # whole passes per step first would overshoot: 30 epochs of digits would be 32).
+        samples = epochs * len(dataset.y_train)
+        return max(1, math.ceil(samples / (self.workers * self.batch_size)))
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

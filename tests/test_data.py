@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import io
 import itertools
-import math
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -367,11 +366,6 @@ def test_batches_reject_bad_arguments() -> None:
     with pytest.raises(UsageError, match=r"batch_size=0"):
         data.batches(ds, 0, 4, 0, seed=0)
 
-
-def test_steps_per_epoch() -> None:
-    assert data.steps_per_epoch(_indexed(100), 4, 5) == 5
-    assert data.steps_per_epoch(_indexed(103), 4, 5) == math.ceil(103 / 20)
-    assert data.steps_per_epoch(_indexed(100), 4, 500) == 1
 
 
 # --- evaluation -----------------------------------------------------------------------------------
