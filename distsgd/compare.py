@@ -72,7 +72,7 @@ from typing import Any, TextIO
 from distsgd import algorithms, runtime
 from distsgd.algorithms.base import type_hints
 from distsgd.errors import DistSGDError, UsageError, check_range
-from distsgd.metrics import write_json
+from distsgd.metrics import unique_path, write_json
 from distsgd.train import RunConfig
 
 AXES = ("algorithm", "workers", "seed")  # coordinates of every cell, always in its name
@@ -409,12 +409,7 @@ class CellResult:
 
 
 def default_out(root: str | Path = "runs") -> Path:
-    path = Path(root) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    suffix = 1
-    while path.exists():  # two grids started in the same second get distinct folders
-        suffix += 1
-        path = Path(root) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
-    return path
+    return unique_path(Path(root) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def run_grid(spec: GridSpec | Mapping[str, Any], out: str | Path, jobs: int = 1,

@@ -38,22 +38,42 @@ class DivergenceError(WorkerFailure):
 def check_type(name: str, value: object, hint: Any) -> None:
     """Raise `UsageError` when `value` does not have the declared type `hint`.
 
-    int and float accept no bool; float accepts an int; containers are checked shallowly.
+    int and float accept no bool; float accepts an int; tuples are checked element by element
+    (``tuple[X, ...]`` and fixed ``tuple[A, B]``); other containers only by their own type.
     """
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for option in options:
-        origin = typing.get_origin(option) or option
-        if option is Any or (option is type(None) and value is None):
-            return
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return
-        if option not in (int, float) and isinstance(origin, type) and isinstance(value, origin):
-            return
-    kinds = " or ".join("none" if o is type(None) else getattr(o, "__name__", str(o))
-                        for o in options)
-    raise UsageError(f"{name}={value!r} is not a valid {kinds}")
+    if not _matches(value, hint):
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kinds = " or ".join("none" if o is type(None) else _describe(o) for o in options)
+        raise UsageError(f"{name}={value!r} is not a valid {kinds}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "tuple " + str(hint).removeprefix("tuple")
+    return getattr(hint, "__name__", str(hint))
+
+
+def _matches(value: object, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType):
+        return any(_matches(value, option) for option in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(args) == len(value) and all(map(_matches, value, args))
+    kind = origin or hint
+    return isinstance(kind, type) and isinstance(value, kind)
 
 
 def check_range(

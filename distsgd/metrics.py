@@ -22,14 +22,17 @@ SUMMARY_FIELDS = ("algorithm", "hyperparameters", "backend", "workers", "steps",
                   "bytes_sent_per_worker", "real_time_s", "virtual_time_s", "samples_per_s")
 
 
-def default_run_dir(algorithm: str, root: str | Path = "runs") -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(root) / f"{stamp}-{algorithm}"
-    suffix = 1
-    while path.exists():  # two runs started in the same second get distinct folders
+def unique_path(path: Path) -> Path:
+    """`path`, or `path`-2, -3, ... if it exists: two runs started in the same second differ."""
+    candidate, suffix = path, 1
+    while candidate.exists():
         suffix += 1
-        path = Path(root) / f"{stamp}-{algorithm}-{suffix}"
-    return path
+        candidate = path.with_name(f"{path.name}-{suffix}")
+    return candidate
+
+
+def default_run_dir(algorithm: str, root: str | Path = "runs") -> Path:
+    return unique_path(Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{algorithm}")
 
 
 def _clean(value: Any) -> Any:

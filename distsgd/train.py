@@ -73,7 +73,8 @@ class RunConfig:
             raise UsageError(f"unknown option {unknown[0]!r}; valid options: {valid}")
         for key in ("stragglers", "links"):  # JSON and TOML give lists
             if isinstance(options.get(key), list):
-                options[key] = tuple(tuple(item) for item in options[key])
+                options[key] = tuple(tuple(item) if isinstance(item, list) else item
+                                     for item in options[key])
         cfg = cls(**options)
         cfg.check()
         return cfg
