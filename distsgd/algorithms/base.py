@@ -11,9 +11,9 @@ The hooks run on every worker, in this order, once per step::
     algorithm.after_step(ctx, state)       # e.g. mix parameters with peers
     ctx.step += 1
 
-Algorithms talk to the network only through ``ctx.comm`` (never torch.distributed). Server ranks,
-which later algorithms use, run `serve` instead of the training loop: `servers` says how many the
-algorithm wants, and they take the first global ranks.
+Algorithms talk to the network only through ``ctx.comm``, never to the torch backend itself.
+Server ranks run `serve` instead of the training loop: `servers` says how many the algorithm
+wants, and they take the first global ranks.
 """
 
 from __future__ import annotations
