@@ -259,6 +259,11 @@ def describe_algorithms() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _one_line(error: Exception) -> str:
+    """The message on one line, whatever the user typed into it (an argument with a newline)."""
+    return str(error).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="distsgd", description="Distributed SGD algorithms of the literature, "
                      "in a deterministic simulator and on real torch.distributed processes.")
@@ -276,10 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         return _compare(args) if args.command == "compare" else _train(args)
     except UsageError as e:
-        print(f"distsgd: error: {e}", file=sys.stderr)
+        print(f"distsgd: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except DistSGDError as e:
-        print(f"distsgd: run failed: {e}", file=sys.stderr)
+        print(f"distsgd: run failed: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("distsgd: interrupted", file=sys.stderr)

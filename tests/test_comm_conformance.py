@@ -187,13 +187,20 @@ def poll(comm: Comm) -> Any:
         comm.send(torch.tensor([7.0, 8.0]), 0)
     if comm.rank != 0:
         return nothing, None
-    for _ in range(10_000):  # until the message is there: virtual time, or real time
+    # Until the message is there: a bounded number of virtual steps in the simulator, a real-time
+    # deadline on processes (a loaded 2-core machine can delay the sender by seconds).
+    deadline = time.monotonic() + 60
+    for _ in range(10_000_000):
         src = comm.poll(buf, 1)
         if src is not None:
             return nothing, (src, buf.tolist())
         comm.elapse(1e-5)
         if comm.now() is None:
+            if time.monotonic() > deadline:
+                break
             time.sleep(1e-3)
+        elif _ > 10_000:
+            break
     raise AssertionError("the message never arrived")
 
 

@@ -40,7 +40,8 @@ def _accepted(cfg: RunConfig) -> runtime.RunResult:
     raise AssertionError("a stub stands in for the run")
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(options=st.dictionaries(st.sampled_from([*FIELDS, "bogus"]), values, max_size=4),
        hyper=st.dictionaries(st.sampled_from([*HYPERPARAMETERS, "bogus"]), values, max_size=2))
 def test_python_api_options_are_valid_or_a_usage_error(options: dict[str, Any],
@@ -71,7 +72,7 @@ words = st.one_of(
 
 # The fixtures are safe to share across examples: the stub is set again each time and the
 # captured output is read (and so emptied) each time.
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=300, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(argv=st.lists(st.one_of(st.sampled_from(FLAGS), words), max_size=8))
 def test_command_line_exits_0_or_2_never_a_traceback(
@@ -96,7 +97,8 @@ def test_command_line_exits_0_or_2_never_a_traceback(
 grid_values = st.one_of(values, st.lists(values, max_size=3))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(run=st.dictionaries(st.sampled_from([*FIELDS, "bogus"]), values, max_size=3),
        grid=st.dictionaries(st.sampled_from(["algorithm", "workers", "seed", "lr", "bogus",
                                              "hyperparameters"]), grid_values, max_size=3))

@@ -23,7 +23,7 @@ def register(cls: A) -> A:
 
 
 def get(name: str) -> type[Algorithm]:
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         valid = ", ".join(sorted(REGISTRY))
         raise UsageError(f"unknown algorithm {name!r}; valid choices: {valid}")
     return REGISTRY[name]

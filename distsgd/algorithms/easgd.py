@@ -11,23 +11,9 @@ from distsgd.algorithms import register
 from distsgd.algorithms.base import Algorithm, WorkerContext, hyperparameter
 
 
-@dataclass
-class EASGDState:
-    center: torch.Tensor  # x̃: every worker keeps an identical copy
-
-
-@register
 @dataclass(frozen=True)
-class EASGD(Algorithm):
-    """Every τ steps, in lock-step: d_i = α(x_i − x̃); x_i ← x_i − d_i; x̃ ← x̃ + Σ_i d_i.
-
-    Σ_i d_i is one all-reduce; each worker applies it to its own copy of x̃, so the copies stay
-    identical without a server. α defaults to β/N with the paper's β = 0.9.
-    """
-
-    name = "easgd"
-    paper = "Zhang, Choromanska, LeCun 2015, 'Deep learning with Elastic Averaging SGD'"
-    sends = "one all-reduce of |x| every τ steps"
+class ElasticRates:
+    """The hyperparameters every elastic-averaging algorithm shares (Zhang et al. 2015)."""
 
     period: int = hyperparameter(10, "τ: local steps between two elastic updates", low=1)
     beta: float = hyperparameter(0.9, "β = Nα: total moving rate, used when alpha is none",
@@ -37,6 +23,25 @@ class EASGD(Algorithm):
 
     def moving_rate(self, workers: int) -> float:
         return self.alpha if self.alpha is not None else self.beta / workers
+
+
+@dataclass
+class EASGDState:
+    center: torch.Tensor  # x̃: every worker keeps an identical copy
+
+
+@register
+@dataclass(frozen=True)
+class EASGD(ElasticRates, Algorithm):
+    """Every τ steps, in lock-step: d_i = α(x_i − x̃); x_i ← x_i − d_i; x̃ ← x̃ + Σ_i d_i.
+
+    Σ_i d_i is one all-reduce; each worker applies it to its own copy of x̃, so the copies stay
+    identical without a server. α defaults to β/N with the paper's β = 0.9.
+    """
+
+    name = "easgd"
+    paper = "Zhang, Choromanska, LeCun 2015, 'Deep learning with Elastic Averaging SGD'"
+    sends = "one all-reduce of |x| every τ steps"
 
     def validate(self, workers: int, lr: float) -> list[str]:
         # The paper's stability region for the round-robin 1-D quadratic (§3.2 / Lemma).

@@ -9,6 +9,7 @@ import torch
 from distsgd import mixing
 from distsgd.algorithms import register
 from distsgd.algorithms.base import WorkerContext, hyperparameter
+from distsgd.algorithms.easgd import ElasticRates
 from distsgd.algorithms.ps import (
     ClientState,
     ParameterServerAlgorithm,
@@ -18,7 +19,7 @@ from distsgd.algorithms.ps import (
 
 @register
 @dataclass(frozen=True)
-class EASGDAsync(ParameterServerAlgorithm):
+class EASGDAsync(ElasticRates, ParameterServerAlgorithm):
     """Algorithm 1: every τ steps, x_i ← x_i − α(x_i − x̃) and x̃ ← x̃ + α(x_i − x̃) through the
     server; the gradient step uses the gradient taken before the elastic pull.
 
@@ -29,15 +30,6 @@ class EASGDAsync(ParameterServerAlgorithm):
     name = "easgd-async"
     paper = "Zhang, Choromanska, LeCun 2015, 'Deep learning with Elastic Averaging SGD', Alg. 1"
     sends = "every τ steps: |x| to the server and |x| back"
-
-    period: int = hyperparameter(10, "τ: local steps between two elastic exchanges", low=1)
-    beta: float = hyperparameter(0.9, "β = Nα: total moving rate, used when alpha is none",
-                                 low=0.0, high=1.0)
-    alpha: float | None = hyperparameter(None, "α = ηρ: moving rate per worker (none: β/N)",
-                                         low=0.0, high=1.0)
-
-    def elastic_rate(self, workers: int) -> float:
-        return self.alpha if self.alpha is not None else self.beta / workers
 
     def local_momentum(self) -> bool:
         return False  # Algorithm 1's workers take plain gradient steps; EAMSGD adds its own δ
@@ -54,7 +46,7 @@ class EASGDAsync(ParameterServerAlgorithm):
         if ctx.step % self.period == 0:  # t mod τ = 0, t counted from 0 as in the paper
             x = self.elastic_point(ctx, state)
             center = state.client.elastic(x)
-            e = mixing.elastic_difference(x, center, self.elastic_rate(ctx.workers))
+            e = mixing.elastic_difference(x, center, self.moving_rate(ctx.workers))
             ctx.flat.set_(ctx.flat.get() - e)
 
     def elastic_point(self, ctx: WorkerContext, state: ClientState) -> torch.Tensor:

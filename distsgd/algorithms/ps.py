@@ -110,7 +110,7 @@ class ParameterServerAlgorithm(Algorithm):
     def server_evaluated(self, shard: Shard) -> torch.Tensor:
         return shard.x
 
-    def elastic_rate(self, workers: int) -> float:
+    def moving_rate(self, workers: int) -> float:
         raise NotImplementedError(f"{self.name} has no elastic exchange")
 
     # ---------------------------------------------------------------- the server loop
@@ -141,7 +141,7 @@ class ParameterServerAlgorithm(Algorithm):
                 comm.recv(x, src=src)
                 _reply(comm, src, shard, shard.x)
                 shard.record_staleness(version)
-                shard.x.add_(mixing.elastic_difference(x, shard.x, self.elastic_rate(ctx.workers)))
+                shard.x.add_(mixing.elastic_difference(x, shard.x, self.moving_rate(ctx.workers)))
                 shard.version += 1
             elif kind == DONE:
                 shard.live.discard(src)
