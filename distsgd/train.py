@@ -257,7 +257,6 @@ class WorkerResult:
     rank: int
     steps: int
     state: torch.Tensor  # the final flat model of this worker
-    evaluated: torch.Tensor
     bytes_by_verb: dict[str, int]
     virtual_time_s: float | None
     figures: dict[str, Any] = field(default_factory=dict)  # a server's final figures
@@ -277,8 +276,7 @@ def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Obs
     model = models.build(cfg.model_name, dataset.input_shape, dataset.num_classes)
     if comm.rank in servers:
         figures = serve(model, algorithm, lr=cfg.learning_rate, comm=comm, seed=cfg.seed)
-        return WorkerResult(comm.rank, 0, torch.empty(0), torch.empty(0), comm.bytes_by_verb,
-                            comm.now(), figures)
+        return WorkerResult(comm.rank, 0, torch.empty(0), comm.bytes_by_verb, comm.now(), figures)
     index = workers.index(comm.rank)
     momentum = cfg.momentum if algorithm.local_momentum() else 0.0
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=momentum,
@@ -330,6 +328,4 @@ def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Obs
             on_step(step)
         observer.stepped(opt.ctx, step, snapshot)
     opt.finish()
-    vector, _ = algorithm.evaluated(opt.ctx, opt.state) if index != 0 else (opt.ctx.flat.get(), 1)
-    return WorkerResult(comm.rank, step, opt.ctx.flat.get(), vector, comm.bytes_by_verb,
-                        comm.now())
+    return WorkerResult(comm.rank, step, opt.ctx.flat.get(), comm.bytes_by_verb, comm.now())

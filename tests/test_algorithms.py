@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny import batch, make_model
 from torch import nn
 
 import distsgd
@@ -25,16 +26,6 @@ from distsgd.errors import UsageError
 pytestmark = pytest.mark.timeout(120)
 
 SYNC = sorted(n for n, c in algorithms.REGISTRY.items() if c.synchronous)
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-
-
-def batch(worker: int, step: int, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + worker)
-    return torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g)
 
 
 def simulate(n: int, algorithm: distsgd.Algorithm, steps: int, lr: float = 0.1,

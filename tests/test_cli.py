@@ -91,8 +91,8 @@ def test_bad_input_exits_2_with_one_message(
 ) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     out = tmp_path / "never"
-    code = cli.main(["train", *argv, "--steps" if "--steps" not in argv and "--epochs" not in argv
-                     else "--seed", "3", "--out", str(out), "--no-progress"])
+    length = [] if "--steps" in argv or "--epochs" in argv else ["--steps", "3"]
+    code = cli.main(["train", *argv, *length, "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err
