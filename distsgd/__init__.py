@@ -3,6 +3,8 @@
 The public surface is `__all__`; everything else is private.
 """
 
+from pathlib import Path
+
 from distsgd.algorithms import REGISTRY, Algorithm, WorkerContext, create, hyperparameter, register
 from distsgd.algorithms.allreduce import AllReduce
 from distsgd.algorithms.crossover import Crossover
@@ -10,7 +12,7 @@ from distsgd.algorithms.easgd import EASGD
 from distsgd.algorithms.local_sgd import LocalSGD
 from distsgd.algorithms.sgp import SGP
 from distsgd.comm.base import Comm, Group
-from distsgd.errors import CommTimeout, DeadlockError, UsageError, WorkerFailure
+from distsgd.errors import CheckpointError, CommTimeout, DeadlockError, UsageError, WorkerFailure
 from distsgd.optimizer import DistributedOptimizer, is_server, serve
 from distsgd.runtime import RunResult
 from distsgd.train import RunConfig
@@ -33,12 +35,26 @@ def train(**options: object) -> RunResult:
     return run(RunConfig.create(**options))
 
 
+def resume(run_dir: str | Path, *, progress: bool = False,
+           stop_after: int | None = None) -> RunResult:
+    """Continue a run from the checkpoint in its folder (`distsgd.train(..., checkpoint_every=N)`),
+    appending to its metrics; see docs/checkpoints.md.
+
+    >>> distsgd.train(algorithm="sgp", steps=300, checkpoint_every=50, stop_after=100, out="r")
+    >>> distsgd.resume("r").summary["test_accuracy"]
+    """
+    from distsgd.runtime import resume as _resume
+
+    return _resume(run_dir, progress=progress, stop_after=stop_after)
+
+
 __all__ = [
     "EASGD",
     "REGISTRY",
     "SGP",
     "Algorithm",
     "AllReduce",
+    "CheckpointError",
     "Comm",
     "CommTimeout",
     "Crossover",
@@ -55,6 +71,7 @@ __all__ = [
     "hyperparameter",
     "is_server",
     "register",
+    "resume",
     "serve",
     "train",
 ]

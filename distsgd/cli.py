@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_parser(sub: Any) -> None:
     from distsgd import data, models
-    from distsgd.train import BACKENDS, DIVERGENCE, SAMPLINGS, RunConfig
+    from distsgd.train import BACKENDS, DIVERGENCE, ON_FAILURE, SAMPLINGS, RunConfig
 
     d = RunConfig()
     p = sub.add_parser("train", help="train one model with one algorithm",
@@ -66,6 +66,10 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--on-divergence", choices=DIVERGENCE, default=d.on_divergence,
                    help="a non-finite loss: stop the run naming worker and step (default), or "
                         "skip that update")
+    p.add_argument("--on-failure", choices=ON_FAILURE, default=d.on_failure,
+                   help="a worker process dies: stop the run naming it and its last step "
+                        "(default), or continue without it (gossip and parameter servers; see "
+                        "docs/failures.md)")
     p.add_argument("--latency", type=float, default=d.latency, help="simulated, seconds")
     p.add_argument("--bandwidth", type=float, default=d.bandwidth, help="simulated, bytes/s")
     p.add_argument("--link", action="append", default=[], metavar="A:B:LATENCY:BANDWIDTH",
@@ -77,6 +81,44 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--data-dir", default=None, help="dataset cache folder")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
+                   help="write an atomic checkpoint into the run folder every N steps (0: never; "
+                        "see docs/checkpoints.md)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop right after the checkpoint of STEP (resume with --resume)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its checkpoint, appending to its "
+                        "metrics; only --progress and --stop-after may be given with it")
+    _TRAIN_DEFAULTS.update({a.dest: a.default for a in p._actions if a.dest != "help"})
+
+
+# With --resume every option comes from the run folder; these cannot change its results.
+_RESUME_OPTIONS = ("resume", "progress", "stop_after")
+_TRAIN_DEFAULTS: dict[str, Any] = {}
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from distsgd.runtime import resume
+
+    given = [name for name, value in vars(args).items()
+             if name in _TRAIN_DEFAULTS and name not in _RESUME_OPTIONS
+             and value != _TRAIN_DEFAULTS[name]]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(f"{flag} cannot be given with --resume (the run's options come from "
+                         "RUN_DIR); valid options with --resume: --progress, --stop-after")
+    result = resume(args.resume, stop_after=args.stop_after,
+                    progress=sys.stderr.isatty() if args.progress is None else args.progress)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result: Any) -> None:
+    if result.summary:
+        print(format_summary(result.summary, str(result.out)))
+    else:  # stopped at a checkpoint (--stop-after)
+        print(f"distsgd: stopped after the checkpoint at step {result.stopped_at}; continue "
+              f"with: distsgd train --resume {result.out}")
 
 
 def _parse_settings(items: list[str]) -> dict[str, str]:
@@ -122,6 +164,8 @@ def _train(args: argparse.Namespace) -> int:
     from distsgd.runtime import run
     from distsgd.train import RunConfig
 
+    if args.resume is not None:
+        return _resume(args)
     backend = args.backend or ("torchrun" if launch.is_torchrun() else "sim")
     cfg = RunConfig.create(
         algorithm=args.algorithm, hyperparameters=_parse_settings(args.settings),
@@ -130,13 +174,13 @@ def _train(args: argparse.Namespace) -> int:
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
         eval_every=args.eval_every, sampling=args.sampling, compute_time=args.compute_time,
         stragglers=_parse_stragglers(args.straggler), slowdown=args.slowdown,
-        on_divergence=args.on_divergence, links=_parse_links(args.link),
+        on_divergence=args.on_divergence, on_failure=args.on_failure,
+        links=_parse_links(args.link),
         latency=args.latency, bandwidth=args.bandwidth, timeout=args.timeout, out=args.out,
-        data_dir=args.data_dir,
+        data_dir=args.data_dir, checkpoint_every=args.checkpoint_every,
+        stop_after=args.stop_after,
         progress=sys.stderr.isatty() if args.progress is None else args.progress)
-    result = run(cfg)
-    if result.summary:
-        print(format_summary(result.summary, str(result.out)))
+    _print_result(run(cfg))
     return 0
 
 
@@ -271,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _train_parser(sub)
     _compare_parser(sub)
     _report_parser(sub)
+    from distsgd import project  # `distsgd project`: the scale projection (issue 4)
+    project.add_parser(sub)
     sub.add_parser("list", help="every algorithm with its paper and hyperparameters")
     try:
         args = parser.parse_args(argv)
@@ -279,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(args)
+        if args.command == "project":
+            return project.main(args)
         return _compare(args) if args.command == "compare" else _train(args)
     except UsageError as e:
         print(f"distsgd: error: {_one_line(e)}", file=sys.stderr)

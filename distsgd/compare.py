@@ -20,6 +20,25 @@ The grid file is TOML::
     [grid.hyperparameters.eamsgd]        # for eamsgd only; replaces a shared list of that name
     beta = [0.5, 0.9]
 
+`[[grid]]` instead of `[grid]` gives several sub-grids over the same [run] options, each a
+table as above; the cells are their union (a cell two sub-grids share runs once). It says what a
+product cannot: a global batch held fixed as the workers grow, or a run option for one algorithm
+only::
+
+    [[grid]]
+    algorithm = "sgp"
+    workers = 8
+    batch_size = 64
+    [[grid]]
+    algorithm = "sgp"
+    workers = 16
+    batch_size = 32
+
+An optional `[report]` table names what `distsgd report` measures on the grid's runs, besides its
+usual table: ``target_accuracy = 0.85`` (first evaluation with test accuracy at least this) and
+``target_loss = 0.5`` (first with test loss at most this: the evaluated model's, not the noisy
+mini-batch loss) add the steps and the virtual and real seconds each run took to get there.
+
 The cells of an algorithm are the product of workers × the other [grid] axes × its hyperparameter
 lists × seeds. A shared hyperparameter applies to the algorithms that have it; for one that lacks
 it the axis collapses (`period = [1, 4]` over downpour and sgp gives two downpour cells and one sgp
@@ -93,15 +112,33 @@ class GridSpec:
     run: dict[str, Any]  # fixed RunConfig options
     description: str = ""
     source: dict[str, Any] = field(default_factory=dict)  # the document, kept in grid.json
+    parts: tuple[GridSpec, ...] = ()  # the sub-grids of a [[grid]] file (then the axes are empty)
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> GridSpec:
         """Check a document shaped like the TOML file; `UsageError` names the first bad key."""
-        _known("the grid file", doc, ("description", "run", "grid"))
+        _known("the grid file", doc, ("description", "run", "grid", "report"))
         description = doc.get("description", "")
         if not isinstance(description, str):
             raise UsageError(f"description={description!r} is not a valid str")
-        grid = _table(doc, "grid")
+        report_targets(doc)
+        source = copy.deepcopy(dict(doc))
+        if not isinstance(doc.get("grid"), list):
+            return cls._one(doc, _table(doc, "grid"), description, source)
+        if not doc["grid"] or not all(isinstance(g, dict) for g in doc["grid"]):
+            raise UsageError("grid must be a table ([grid]) or a list of tables ([[grid]])")
+        parts = []
+        for number, grid in enumerate(doc["grid"], 1):
+            try:
+                parts.append(cls._one(doc, grid, description, source))
+            except UsageError as e:
+                raise UsageError(f"[[grid]] number {number}: {e}") from None
+        names = tuple(dict.fromkeys(n for part in parts for n in part.algorithms))
+        return cls(names, {}, {}, {}, parts[0].run, description, source, tuple(parts))
+
+    @classmethod
+    def _one(cls, doc: Mapping[str, Any], grid: dict[str, Any], description: str,
+             source: dict[str, Any]) -> GridSpec:
         if "algorithm" not in grid:
             raise UsageError("grid.algorithm is missing (e.g. algorithm = ['sgp', 'allreduce']); "
                              f"valid choices: {', '.join(sorted(algorithms.REGISTRY))}")
@@ -113,7 +150,7 @@ class GridSpec:
         if both:
             raise UsageError(f"{both[0]} is both in [run] and in [grid]; keep one")
         shared, per_algorithm = _hyperparameters(_table(grid, "hyperparameters"), names)
-        return cls(names, axes, shared, per_algorithm, run, description, copy.deepcopy(dict(doc)))
+        return cls(names, axes, shared, per_algorithm, run, description, source)
 
     def hyperparameter_axes(self, algorithm: str) -> dict[str, tuple[Any, ...]]:
         """The hyperparameter lists of `algorithm`: the shared ones it has, then its own."""
@@ -123,6 +160,13 @@ class GridSpec:
 
     def cells(self, out: str | Path) -> list[Cell]:
         """Every cell in order, each with its checked config; `UsageError` on the first bad one."""
+        if self.parts:
+            # A name holds every coordinate, so sub-grids that name a cell alike mean one cell.
+            union: dict[str, Cell] = {}
+            for part in self.parts:
+                for cell in part.cells(out):
+                    union.setdefault(cell.name, cell)
+            return list(union.values())
         cells = [c for name in self.algorithms for c in self._cells_of(name, Path(out))]
         seen: set[str] = set()
         for cell in cells:
@@ -180,6 +224,21 @@ def _text(value: Any) -> str:
     if isinstance(value, tuple):
         return "+".join(_text(v) for v in value)
     return repr(value) if isinstance(value, float) else str(value)
+
+
+TARGETS = ("target_accuracy", "target_loss")  # the keys of [report]
+
+
+def report_targets(doc: Mapping[str, Any]) -> dict[str, float]:
+    """The checked [report] table of a grid document: target_accuracy in (0, 1], target_loss > 0."""
+    table = _table(doc, "report")
+    _known("[report]", table, TARGETS)
+    targets = {k: _typed(f"report.{k}", v, float) for k, v in table.items()}
+    if "target_accuracy" in targets:
+        check_range("report.target_accuracy", targets["target_accuracy"], 0, 1, low_open=True)
+    if "target_loss" in targets:
+        check_range("report.target_loss", targets["target_loss"], 0, low_open=True)
+    return targets
 
 
 def _known(where: str, table: Mapping[str, Any], valid: Sequence[str]) -> None:
@@ -331,8 +390,27 @@ def override(base: Mapping[str, Any], *, algorithm: str | None = None,
              ) -> dict[str, Any]:
     """`base` with the command line's entries replacing its own (flags are text: `a,b` lists)."""
     doc = copy.deepcopy(dict(base))
-    run, grid = _table(doc, "run"), _table(doc, "grid")
-    doc["run"], doc["grid"] = run, grid
+    run = doc["run"] = _table(doc, "run")
+    grids = doc["grid"] if isinstance(doc.get("grid"), list) else [_table(doc, "grid")]
+    if not isinstance(doc.get("grid"), list):
+        doc["grid"] = grids[0]
+    for grid in grids:  # a flag replaces its entry in every sub-grid
+        if isinstance(grid, dict):
+            _override_grid(grid, algorithm, workers, seed, settings)
+    for key, value in (options or {}).items():
+        if key in ("steps", "epochs"):  # one sets the length of the run, replacing the other
+            run.pop("epochs" if key == "steps" else "steps", None)
+        for grid in grids:
+            if isinstance(grid, dict):
+                grid.pop(key, None)
+        run[key] = _option(key, value)
+        if run[key] is None:
+            del run[key]  # none: RunConfig's default
+    return doc
+
+
+def _override_grid(grid: dict[str, Any], algorithm: str | None, workers: str | None,
+                   seed: str | None, settings: Sequence[str]) -> None:
     if algorithm is not None:
         grid["algorithm"] = _split("--algorithm", algorithm)
     for key, text in (("workers", workers), ("seed", seed)):
@@ -342,14 +420,6 @@ def override(base: Mapping[str, Any], *, algorithm: str | None = None,
         grid["hyperparameters"] = hyper = _table(grid, "hyperparameters")
         for item in settings:
             _set_hyperparameter(hyper, item)
-    for key, value in (options or {}).items():
-        if key in ("steps", "epochs"):  # one sets the length of the run, replacing the other
-            run.pop("epochs" if key == "steps" else "steps", None)
-        grid.pop(key, None)
-        run[key] = _option(key, value)
-        if run[key] is None:
-            del run[key]  # none: RunConfig's default
-    return doc
 
 
 def _split(flag: str, text: str) -> list[str]:

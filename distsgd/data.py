@@ -346,13 +346,14 @@ def shard_indices(n: int, worker: int, workers: int, seed: int) -> torch.Tensor:
 
 
 def batches(dataset: Dataset, worker: int, workers: int, batch_size: int, seed: int,
-            sampling: str = "shard") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            sampling: str = "shard", start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """An endless stream of (x, y) training batches for one worker, the same in any process.
 
     `sampling="shard"` gives each worker a disjoint shard of the train set (`shard_indices`);
     `"iid"` lets every worker sample the whole train set. Each pass visits the worker's samples in
     a new order drawn from (seed, worker, pass). Batches run on across the end of a pass, so every
-    batch has exactly `batch_size` samples and none is dropped.
+    batch has exactly `batch_size` samples and none is dropped. `start` skips that many batches
+    (a resumed run's data position) without drawing them.
     """
     _check_batches_args(worker, workers, batch_size, seed, sampling)
     n = len(dataset.y_train)
@@ -362,7 +363,9 @@ def batches(dataset: Dataset, worker: int, workers: int, batch_size: int, seed: 
         what = f"worker {worker}'s shard" if sampling == "shard" else "the train set"
         raise UsageError(f"batch_size={batch_size} is larger than {what} ({len(pool)} samples); "
                          f"use batch_size <= {len(pool)} or fewer workers")
-    return _stream(dataset, pool, batch_size, seed, worker)
+    if start < 0:
+        raise UsageError(f"start={start} is out of range: it must be at least 0")
+    return _stream(dataset, pool, batch_size, seed, worker, start)
 
 
 def _check_batches_args(worker: int, workers: int, batch_size: int, seed: int,
@@ -380,9 +383,15 @@ def _check_batches_args(worker: int, workers: int, batch_size: int, seed: int,
 
 
 def _stream(dataset: Dataset, pool: torch.Tensor, batch_size: int, seed: int,
-            worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            worker: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # Sample s of the stream is sample s mod P of pass s // P (P samples a pass), so batch
+    # `start` begins inside pass start·B // P: begin there with that pass's remaining samples.
+    epoch, offset = divmod(start * batch_size, len(pool))
     pending = torch.empty(0, dtype=torch.int64)
-    epoch = 0
+    if offset:
+        order = np.random.default_rng([seed, worker, epoch]).permutation(len(pool))
+        pending = pool[torch.from_numpy(order[offset:])]
+        epoch += 1
     while True:
         while len(pending) < batch_size:
             # one explicitly seeded generator per pass: nothing touches the global RNG

@@ -35,6 +35,20 @@ class DivergenceError(WorkerFailure):
     """A worker's loss or model became non-finite; the message names the worker and the step."""
 
 
+class PeerDied(WorkerFailure):
+    """A verb involved a peer that died in a run that carries on without it (--on-failure
+    continue); `rank` is the dead peer's global rank, so algorithms can route around it."""
+
+    def __init__(self, message: str, rank: int = -1) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+class ProtocolError(DistSGDError, ValueError):
+    """A message arrived that breaks the wire protocol (bad header, kind, size or dtype); the
+    message names the sender. Nothing received is ever unpickled, so this is the worst it gets."""
+
+
 def check_type(name: str, value: object, hint: Any) -> None:
     """Raise `UsageError` when `value` does not have the declared type `hint`.
 
@@ -94,3 +108,7 @@ def check_range(
         why = f" ({meaning})" if meaning else ""
         raise UsageError(f"{name}={value!r} is out of range: valid values lie in "
                          f"{left}{lo}, {hi}{right}{why}")
+
+
+class CheckpointError(DistSGDError):
+    """A checkpoint cannot be used: missing, corrupt or truncated, or another run's (exit 1)."""

@@ -13,18 +13,26 @@ An observer decides how long a worker trains and when its state is evaluated
 
 In the simulator nothing an observer does blocks, takes virtual time or counts bytes, so evaluating
 never changes a run.
+
+The observers also decide when a run is checkpointed (`distsgd.checkpoint.Checkpoints`,
+docs/checkpoints.md): at the boundary of step k for `StepObserver`s, at global progress k for
+`BudgetObserver`; a resumed run's observers skip the evaluations already written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from distsgd import data, mixing, models
+from distsgd import data, launch, mixing, models
 from distsgd.algorithms.base import WorkerContext
+from distsgd.checkpoint import Checkpoints
+from distsgd.comm.torch import TorchComm
+from distsgd.errors import PeerDied, ProtocolError, UsageError
 from distsgd.flat import FlatState
 from distsgd.metrics import METRIC_FIELDS, RunFolder
 from distsgd.train import Contribution, RunConfig
@@ -43,6 +51,17 @@ class Evaluator:
         self.records: list[dict[str, Any]] = []
         self.listeners: list[Any] = []  # callables given each record (the progress display)
         self.loss_sum, self.loss_count = 0.0, 0  # totals at the previous record
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running totals a resumed run goes on from (docs/checkpoints.md)."""
+        return {"loss_sum": self.loss_sum, "loss_count": self.loss_count,
+                "real_time_s": time.perf_counter() - self.started}
+
+    def load_state_dict(self, saved: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        """Go on from a checkpoint; `records` are the metrics lines kept up to it."""
+        self.loss_sum, self.loss_count = saved["loss_sum"], saved["loss_count"]
+        self.started = time.perf_counter() - saved["real_time_s"]  # real time keeps counting
+        self.records = list(records)
 
     def record_all(self, step: int, parts: list[Contribution], now: float | None) -> None:
         """Evaluate from every worker's contribution (in worker order: deterministic sums)."""
@@ -118,23 +137,48 @@ class Evaluator:
 
 
 Snapshot = Callable[[], Contribution]
+Capture = Callable[[], dict[str, Any]]
 
 
 class StepObserver:
-    """Each worker takes `total` steps and publishes at the evaluation steps (both backends)."""
+    """Each worker takes `total` steps and publishes at the evaluation steps (both backends).
+
+    With `checkpoints` set, each worker is also checkpointed at the checkpoint steps: gathered by
+    collectives on real processes (`checkpoint`), parked and read in place in the simulator.
+    """
 
     def __init__(self, total: int, evals: set[int]) -> None:
         self.total, self.evals = total, evals
+        self.checkpoints: Checkpoints | None = None
 
-    def begin(self, ctx: WorkerContext, snapshot: Snapshot) -> None:
+    def begin(self, ctx: WorkerContext, snapshot: Snapshot, capture: Capture | None = None) -> None:
+        cp = self.checkpoints
+        if cp is not None:
+            cp.register(ctx.index, capture)
+            if cp.resume is not None:  # step `cp.resume["step"]` was published before
+                self.resumed(ctx)
+                return
         self.publish(0, ctx, snapshot())
 
+    def attach(self, checkpoints: Checkpoints) -> None:
+        self.checkpoints = checkpoints
+
+    def resumed(self, ctx: WorkerContext) -> None:
+        """A resumed worker has rebuilt its state (real processes: nothing more to do)."""
+
     def take(self, ctx: WorkerContext, done: int) -> bool:
-        return done < self.total
+        return done < self.total and not (self.checkpoints is not None
+                                           and self.checkpoints.stopped)
 
     def stepped(self, ctx: WorkerContext, done: int, snapshot: Snapshot) -> None:
         if done in self.evals:
             self.publish(done, ctx, snapshot())
+        if self.checkpoints is not None and self.checkpoints.due(done):
+            self.checkpoint(ctx, done)
+
+    def checkpoint(self, ctx: WorkerContext, step: int) -> None:
+        assert self.checkpoints is not None
+        self.checkpoints.gather(ctx, step)
 
     def publish(self, step: int, ctx: WorkerContext, c: Contribution) -> None:
         raise NotImplementedError
@@ -147,6 +191,17 @@ class SimObserver(StepObserver):
         super().__init__(evaluator.total, evals)
         self.evaluator, self.workers = evaluator, workers
         self.pending: dict[int, dict[int, Contribution]] = {}
+
+    def resumed(self, ctx: WorkerContext) -> None:
+        assert self.checkpoints is not None
+        self.checkpoints.restore_sim(ctx)
+
+    def checkpoint(self, ctx: WorkerContext, step: int) -> None:
+        # Every worker parks after its step `step`, so no message is in flight (each step's
+        # messages are received within the step); the last to park writes.
+        assert self.checkpoints is not None
+        if not self.checkpoints.hold(ctx, step):
+            raise RuntimeError(f"checkpoint at step {step}: a synchronous worker was blocked")
 
     def publish(self, step: int, ctx: WorkerContext, c: Contribution) -> None:
         got = self.pending.setdefault(step, {})
@@ -169,15 +224,41 @@ class BudgetObserver:
         # out: workers still inside their last step would otherwise each trigger it again.
         self.marks = {workers * e for e in evals} - {self.budget}
         self.taken = 0
+        self.recorded = -1  # the last mark evaluated: once each, whoever finishes a step first
         self.snapshots: dict[int, Snapshot] = {}
         self.stopped: set[int] = set()
+        self.checkpoints: Checkpoints | None = None
+        self.mark = 0  # the next checkpoint step (0: none)
 
-    def begin(self, ctx: WorkerContext, snapshot: Snapshot) -> None:
+    def attach(self, checkpoints: Checkpoints) -> None:
+        """Checkpoint at global progress k (k × N steps taken in all), k a checkpoint step."""
+        self.checkpoints = checkpoints
+        self.mark = min(checkpoints.steps - checkpoints.done, default=0)
+        checkpoints.observer_state = lambda: {"taken": self.taken}
+        if checkpoints.resume is not None:
+            self.taken = self.recorded = checkpoints.resume["observer"]["taken"]
+
+    def begin(self, ctx: WorkerContext, snapshot: Snapshot, capture: Capture | None = None) -> None:
         self.snapshots[ctx.index] = snapshot
+        cp = self.checkpoints
+        if cp is not None:
+            cp.register(ctx.index, capture)
+            if cp.resume is not None:
+                cp.restore_sim(ctx)
+                return
         if len(self.snapshots) == self.workers:
             self._record(ctx)
 
     def take(self, ctx: WorkerContext, done: int) -> bool:
+        cp, n = self.checkpoints, self.workers
+        if cp is not None and cp.due(self.mark) and self.taken >= n * self.mark:
+            # A quiescent point: each worker finishes its step and parks here; the last one
+            # writes. Workers that would have gone on meanwhile now wait (docs/checkpoints.md).
+            # Should one be blocked by a parked one instead (SSP), all go on a step and retry.
+            if cp.hold(ctx, self.mark):
+                self.mark = min(cp.steps - cp.done, default=0)
+        if cp is not None and cp.stopped:
+            return False
         if self.taken < self.budget:
             self.taken += 1
             return True
@@ -187,7 +268,8 @@ class BudgetObserver:
         return False
 
     def stepped(self, ctx: WorkerContext, done: int, snapshot: Snapshot) -> None:
-        if self.taken in self.marks:
+        if self.taken in self.marks and self.taken > self.recorded:
+            self.recorded = self.taken
             self._record(ctx)
 
     def _record(self, ctx: WorkerContext) -> None:
@@ -196,13 +278,32 @@ class BudgetObserver:
 
 
 class CollectiveObserver(StepObserver):
-    """Aggregates the workers' publications with all-reduces; worker 0 evaluates."""
+    """Aggregates the workers' publications with all-reduces; worker 0 evaluates.
 
-    def __init__(self, evaluator: Evaluator | None, total: int, evals: set[int]) -> None:
+    With `reports` (``--on-failure continue``) each worker sends its publication to worker 0 on
+    the communicator's reports channel instead: a collective can never complete once a worker has
+    died, messages from the survivors can. Worker 0 then evaluates over the workers that reported
+    and lists the dead in ``failed_workers``. Every step is also noted for the launcher, whose
+    message names a dead worker's last step.
+    """
+
+    def __init__(self, evaluator: Evaluator | None, total: int, evals: set[int],
+                 reports: bool = False) -> None:
         super().__init__(total, evals)
         self.evaluator = evaluator  # only on worker 0
+        self.reports = reports
+        # worker index -> (loss sum, loss count, bytes) at its last report: a dead worker's
+        # totals stay in the sums, so the loss since the previous record stays right.
+        self.seen: dict[int, list[float]] = {}
+
+    def stepped(self, ctx: WorkerContext, done: int, snapshot: Snapshot) -> None:
+        launch.note_step(done)
+        super().stepped(ctx, done, snapshot)
 
     def publish(self, step: int, ctx: WorkerContext, c: Contribution) -> None:
+        if self.reports:
+            self._report(step, ctx, c)
+            return
         n, size = ctx.workers, c.params.numel()
         states = torch.cat([c.params.double(), c.evaluated.double() * c.weight])
         scalars = torch.zeros(4 + n, dtype=torch.float64)
@@ -219,3 +320,38 @@ class CollectiveObserver(StepObserver):
             self.evaluator.record(step, consensus, float(scalars[3]) / n, float(scalars[1]),
                                   int(scalars[2]), [int(b) for b in scalars[4:]], c.clock,
                                   c.extra)
+
+    def _report(self, step: int, ctx: WorkerContext, c: Contribution) -> None:
+        comm = ctx.comm
+        if not isinstance(comm, TorchComm):
+            raise UsageError("evaluation reports need real processes (a TorchComm)")
+        size = c.params.numel()
+        mine = torch.cat([c.params.double(), c.evaluated.double() * c.weight, torch.tensor(
+            [c.weight, c.loss_sum, c.loss_count, c.bytes_sent, step], dtype=torch.float64)])
+        if self.evaluator is None:
+            comm.send_report(mine, ctx.worker_ranks[0])
+            return
+        parts = {0: mine}
+        for index, rank in enumerate(ctx.worker_ranks[1:], start=1):
+            part = torch.empty_like(mine)
+            with contextlib.suppress(PeerDied):  # it died: the survivors are evaluated
+                comm.recv_report(part, rank)
+                if int(part[-1]) != step:
+                    raise ProtocolError(f"worker {index} (rank {rank}) reported step "
+                                        f"{int(part[-1])} when step {step} was due")
+                parts[index] = part
+        stacked = torch.stack(list(parts.values()))
+        weight = float(stacked[:, 2 * size].sum())
+        mean = stacked[:, :size].mean(0)
+        distance = float(torch.linalg.vector_norm(stacked[:, :size] - mean, dim=1).mean())
+        self.seen.update({i: p[2 * size + 1:2 * size + 4].tolist() for i, p in parts.items()})
+        totals = torch.tensor([self.seen.get(i, [0.0] * 3) for i in range(ctx.workers)])
+        # When each died, on this record's clock: seconds since the evaluator started.
+        started = time.time() - (time.perf_counter() - self.evaluator.started)
+        failed = [{"rank": r, "worker": ctx.worker_ranks.index(r), "last_step": last,
+                   "real_time_s": round(died - started, 3)}
+                  for r, (last, died) in sorted(launch.deaths().items()) if r in ctx.worker_ranks]
+        self.evaluator.record(step, stacked[:, size:2 * size].sum(0) / weight, distance,
+                              float(totals[:, 0].sum()), int(totals[:, 1].sum()),
+                              [int(b) for b in totals[:, 2]], c.clock,
+                              {**c.extra, "failed_workers": failed})

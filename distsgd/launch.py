@@ -4,8 +4,14 @@
 over a gloo group that meets through a file in a fresh temporary directory, and returns the n
 results in rank order. It never leaves a process behind and never hangs past its deadline: the
 first worker that raises or dies ends the run, the others are terminated (SIGTERM, then SIGKILL),
-and the error names the worker. Children also die with the parent (PR_SET_PDEATHSIG on Linux, a
-watchdog thread elsewhere).
+and the error names the worker and the last step it reported (`note_step`). Children also die
+with the parent (PR_SET_PDEATHSIG on Linux, a watchdog thread elsewhere).
+
+With ``on_failure="continue"`` a worker that dies without reporting (killed, crashed) does not end
+the run unless its rank is `essential`: the launcher marks it dead on a shared board, a thread in
+every survivor tells its communicator (`TorchComm.mark_dead`), and the dead rank's result is None.
+A worker that raises still ends the run. ``DISTSGD_KILL=RANK:STEP[,RANK:STEP]`` makes rank RANK
+SIGKILL itself once it has reported step STEP: a deterministic failure for tests and drills.
 
     def work(comm, scale):                     # module level: it is pickled by reference
         t = torch.full((2,), float(comm.rank) * scale)
@@ -34,7 +40,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -45,7 +51,14 @@ import torch.distributed as dist
 
 from distsgd.comm.base import set_current
 from distsgd.comm.torch import PeerLost, TorchComm
-from distsgd.errors import CommTimeout, DivergenceError, UsageError, WorkerFailure, check_range
+from distsgd.errors import (
+    CommTimeout,
+    DivergenceError,
+    PeerDied,
+    UsageError,
+    WorkerFailure,
+    check_range,
+)
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # After a failure that is usually a consequence (a timeout, a lost peer), how long to wait for
@@ -54,6 +67,9 @@ _CAUSE_GRACE = 2.0
 _TERM_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 _EXIT_GRACE = 10.0  # seconds a worker that returned its result may take to exit
 _START_LOCK = threading.Lock()  # launches from several threads set os.environ one at a time
+_WATCH_PERIOD = 0.05  # seconds between a survivor's looks at the board for deaths
+ON_FAILURE = ("stop", "continue")
+KILL_VARIABLE = "DISTSGD_KILL"
 
 
 # ---------------------------------------------------------------------------- rendezvous
@@ -122,14 +138,74 @@ def is_torchrun() -> bool:
 def from_torchrun_env(timeout: float = 300.0) -> TorchComm | None:
     """The `TorchComm` of this torchrun worker (``env://`` rendezvous), or None outside torchrun.
 
-    Every rank must end with `shutdown(comm)`.
+    Before gloo starts, it binds gloo to the interface that reaches the rendezvous
+    (`torchrun_interface`) unless ``GLOO_SOCKET_IFNAME`` says otherwise: gloo would otherwise
+    use the address the machine's hostname resolves to, which on many hosts (and in network
+    namespaces) is loopback or an address the other machines cannot reach. Afterwards,
+    ``comm.nodes`` holds the torchrun node (GROUP_RANK) of every global rank, which is what
+    "one group per machine" means (crossover's ``groups=-1``). Every rank must end with
+    `shutdown(comm)`.
     """
     if not is_torchrun():
         return None
     if not dist.is_initialized():
+        if "GLOO_SOCKET_IFNAME" not in os.environ:
+            ifname = torchrun_interface(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+            if ifname is not None:
+                os.environ["GLOO_SOCKET_IFNAME"] = ifname
         init_process_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://",
                            timeout)
-    return TorchComm(timeout)
+    nodes = _gather_nodes(dist.get_world_size())
+    comm = TorchComm(timeout)
+    comm.nodes = nodes
+    return comm
+
+
+def torchrun_interface(master_addr: str, master_port: int) -> str | None:
+    """The name of the network interface this machine uses to reach `master_addr` (Linux).
+
+    None where it cannot be told (another OS, no route, an address on no interface): gloo then
+    keeps its own choice.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        family = socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family[0], socket.SOCK_DGRAM) as probe:
+            probe.connect(family[4])  # UDP: picks the route and source address, sends nothing
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    for _, name in socket.if_nameindex():
+        if _interface_address(name) == local:
+            return name
+    return None
+
+
+def _interface_address(name: str) -> str | None:
+    """The IPv4 address of interface `name` (SIOCGIFADDR), or None."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(raw[20:24])
+
+
+def _gather_nodes(world_size: int) -> tuple[int, ...]:
+    """The torchrun node (GROUP_RANK) of every global rank, gathered once at start-up.
+
+    Gathered rather than computed from LOCAL_WORLD_SIZE, since nodes may run different numbers
+    of processes. Outside the byte counts: it is set-up, not training traffic.
+    """
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    node = int(os.environ.get("GROUP_RANK", dist.get_rank() // max(local_world, 1)))
+    nodes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
+    dist.all_gather(nodes, torch.tensor([node], dtype=torch.int64))
+    return tuple(int(t.item()) for t in nodes)
 
 
 # ---------------------------------------------------------------------------- launching
@@ -144,6 +220,70 @@ class _Spec:
     comm_timeout: float
     deadline: float | None  # time.time() by which the run must end
     parent_pid: int
+    carry_on: bool = False  # on_failure == "continue"
+    kill_at: tuple[tuple[int, int], ...] = ()  # (rank, step): SIGKILL after that step
+
+
+class _Board:
+    """Shared memory between the launcher and its workers, no pickling and no messages: each
+    worker writes the last step it completed, the launcher writes which ranks died."""
+
+    def __init__(self, ctx: Any, world_size: int) -> None:
+        self.progress = ctx.RawArray("q", [-1] * world_size)  # -1: no step reported yet
+        self.dead = ctx.RawArray("b", world_size)
+        self.died_at = ctx.RawArray("d", world_size)  # time.time() the launcher saw it die
+
+    def last_step(self, rank: int) -> int | None:
+        step = int(self.progress[rank])
+        return None if step < 0 else step
+
+
+class _WorkerBoard:
+    """This worker's view of the board (set in `_worker_main`)."""
+
+    def __init__(self, board: _Board, rank: int, kill_at: int | None) -> None:
+        self.board, self.rank, self.kill_at = board, rank, kill_at
+
+
+_here: _WorkerBoard | None = None
+
+
+def note_step(step: int) -> None:
+    """Record that this worker completed `step`, for the launcher's message if it dies (and
+    apply ``DISTSGD_KILL``); a no-op outside a launched worker."""
+    if _here is None:
+        return
+    _here.board.progress[_here.rank] = step
+    if step == _here.kill_at:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def deaths() -> dict[int, tuple[int | None, float]]:
+    """The ranks the launcher declared dead in this run: the last step each reported, and the
+    time.time() at which the launcher saw it die."""
+    if _here is None:
+        return {}
+    board = _here.board
+    return {r: (board.last_step(r), board.died_at[r]) for r in range(len(board.dead))
+            if board.dead[r]}
+
+
+def parse_kill(text: str, world_size: int) -> tuple[tuple[int, int], ...]:
+    """``RANK:STEP[,RANK:STEP]`` (the `DISTSGD_KILL` variable) as (rank, step) pairs."""
+    out = []
+    for item in filter(None, text.split(",")):
+        rank, sep, step = item.partition(":")
+        try:
+            pair = (int(rank), int(step))
+        except ValueError:
+            pair = (-1, -1)
+        if not sep or not 0 <= pair[0] < world_size or pair[1] < 0:
+            raise UsageError(f"{KILL_VARIABLE}={text!r}: {item!r} is not RANK:STEP with RANK in "
+                             f"0..{world_size - 1} and STEP >= 0 (e.g. {KILL_VARIABLE}=1:20)")
+        out.append(pair)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -166,38 +306,47 @@ class _RemoteTraceback(Exception):
 
 def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
            timeout: float | None = None, comm_timeout: float = 300.0,
-           env: Mapping[str, str] | None = None) -> list[Any]:
+           env: Mapping[str, str] | None = None, on_failure: str = "stop",
+           essential: Collection[int] = ()) -> list[Any]:
     """Run ``fn(comm, *args)`` in `world_size` processes; return their results in rank order.
 
     `fn`, `args` and the results must be picklable (`fn` a module-level function). `timeout` is
     the deadline of the whole run in seconds (None: none); `comm_timeout` the default timeout of
     every communication verb; `env` extra environment variables for the workers. Raises
-    `WorkerFailure` naming the worker that raised or died (or `UsageError`, re-raised with its
-    message, when that is what a worker raised).
+    `WorkerFailure` naming the worker that raised or died and its last step (or `UsageError`,
+    re-raised with its message, when that is what a worker raised). With `on_failure`
+    "continue", a worker outside `essential` may die without ending the run (its result: None).
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise UsageError(f"world_size={world_size!r} must be a positive integer")
     if timeout is not None:
         check_range("timeout", timeout, 0.0, low_open=True)
     check_range("comm_timeout", comm_timeout, 0.0, low_open=True)
+    if on_failure not in ON_FAILURE:
+        raise UsageError(f"unknown on_failure {on_failure!r}; valid choices: "
+                         f"{', '.join(ON_FAILURE)}")
+    kill_at = parse_kill({**os.environ, **(env or {})}.get(KILL_VARIABLE, ""), world_size)
     deadline = None if timeout is None else time.monotonic() + timeout
     ctx = mp.get_context("spawn")
     procs: list[Any] = []
     conns: list[mp.connection.Connection] = []
+    board = _Board(ctx, world_size)
     with file_rendezvous() as url:
         spec = _Spec(fn, tuple(args), world_size, url, comm_timeout,
-                     None if timeout is None else time.time() + timeout, os.getpid())
+                     None if timeout is None else time.time() + timeout, os.getpid(),
+                     on_failure == "continue", kill_at)
         try:
             with _START_LOCK, _environ(_worker_env(env)):
                 for rank in range(world_size):
                     reader, writer = ctx.Pipe(duplex=False)
                     conns.append(reader)
-                    proc = ctx.Process(target=_worker_main, args=(rank, spec, writer),
+                    proc = ctx.Process(target=_worker_main, args=(rank, spec, writer, board),
                                        name=f"distsgd-worker-{rank}")
                     _start(proc, fn)
                     procs.append(proc)
                     writer.close()
-            return _Supervisor(procs, conns, deadline, timeout).run()
+            survivable = set() if on_failure == "stop" else set(range(world_size)) - set(essential)
+            return _Supervisor(procs, conns, deadline, timeout, board, survivable).run()
         finally:
             _terminate(procs)
             for conn in conns:
@@ -240,8 +389,11 @@ class _Supervisor:
     """Collects every worker's result; on the first failure, raises its most likely cause."""
 
     def __init__(self, procs: list[Any], conns: list[mp.connection.Connection],
-                 deadline: float | None, timeout: float | None) -> None:
+                 deadline: float | None, timeout: float | None, board: _Board,
+                 survivable: set[int]) -> None:
         self.procs, self.deadline, self.timeout = procs, deadline, timeout
+        self.board, self.survivable = board, survivable
+        self.dead: set[int] = set()
         self.results: dict[int, Any] = {}
         self.failures: list[_Failure] = []
         self.open_conns = dict(enumerate(conns))
@@ -250,7 +402,7 @@ class _Supervisor:
 
     def run(self) -> list[Any]:
         n = len(self.procs)
-        while len(self.results) < n:
+        while len(self.results) + len(self.dead) < n:
             now = time.monotonic()
             deadline = math.inf if self.deadline is None else self.deadline
             self._check(now, late=now >= deadline)
@@ -260,8 +412,8 @@ class _Supervisor:
             self._collect(ready)
             if self.failures and self.grace_end == math.inf:
                 self.grace_end = time.monotonic() + _CAUSE_GRACE
-        _join(self.procs)
-        return [self.results[r] for r in range(n)]
+        _join([p for r, p in enumerate(self.procs) if r not in self.dead])
+        return [self.results.get(r) for r in range(n)]
 
     def _check(self, now: float, late: bool) -> None:
         if self.failures:
@@ -269,7 +421,8 @@ class _Supervisor:
             if cause.priority == 0 or late or now >= self.grace_end:
                 raise _error(cause)
         if late:
-            running = [r for r in range(len(self.procs)) if r not in self.results]
+            running = [r for r in range(len(self.procs))
+                       if r not in self.results and r not in self.dead]
             raise WorkerFailure(f"launch: the run did not finish within its deadline of "
                                 f"{self.timeout:g} s; workers {running} were still running")
 
@@ -290,14 +443,28 @@ class _Supervisor:
                 reason = _exit_reason(self.procs[rank].exitcode)
                 if not reason.startswith("killed"):
                     reason += " without returning a result"
-                self.failures.append(_Failure(0, rank, f"worker {rank} died: {reason}"))
+                step = self.board.last_step(rank)
+                if step is not None:
+                    reason += f" after step {step}"
+                if rank in self.survivable:
+                    self._bury(rank, reason)
+                else:
+                    self.failures.append(_Failure(0, rank, f"worker {rank} died: {reason}"))
+
+    def _bury(self, rank: int, reason: str) -> None:
+        """A death the run survives: tell the survivors through the board, and say so."""
+        self.dead.add(rank)
+        self.board.died_at[rank] = time.time()
+        self.board.dead[rank] = 1
+        print(f"warning: worker {rank} died: {reason}; the run carries on without it "
+              "(--on-failure continue)", file=sys.stderr, flush=True)
 
     def _read(self, rank: int, conn: mp.connection.Connection, wait: float = 0.0) -> None:
         """Take worker `rank`'s report if one is waiting (up to `wait` seconds)."""
         try:
             if not conn.poll(wait):
                 return
-            kind, payload = conn.recv()
+            kind, payload = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             del self.open_conns[rank]  # it died before reporting: its exit tells why
             return
@@ -354,14 +521,18 @@ def _terminate(procs: list[Any]) -> None:
 
 
 # ---------------------------------------------------------------------------- in the worker
-def _worker_main(rank: int, spec: _Spec, conn: mp.connection.Connection) -> None:
+def _worker_main(rank: int, spec: _Spec, conn: mp.connection.Connection, board: _Board) -> None:
+    global _here
     _die_with_parent(spec.parent_pid)
     _name_process(f"distsgd-rank{rank}")
     torch.set_num_threads(1)
+    _here = _WorkerBoard(board, rank, dict(spec.kill_at).get(rank))
     comm: TorchComm | None = None
     try:
         init_process_group(rank, spec.world_size, spec.rendezvous, spec.comm_timeout)
-        comm = TorchComm(spec.comm_timeout)
+        comm = TorchComm(spec.comm_timeout, carry_on=spec.carry_on)
+        if spec.carry_on:
+            _watch_deaths(comm, board)
         set_current(comm)
         value = spec.fn(comm, *spec.args)
         # close waits for the slowest rank: only the run's deadline bounds it (the parent ends
@@ -383,12 +554,29 @@ def _worker_main(rank: int, spec: _Spec, conn: mp.connection.Connection) -> None
     dist.destroy_process_group()
 
 
+def _watch_deaths(comm: TorchComm, board: _Board) -> None:
+    """Tell `comm` of every death the launcher declares (a daemon thread; it reads only)."""
+
+    def watch() -> None:
+        told: set[int] = set()
+        while True:
+            for r in range(len(board.dead)):
+                if board.dead[r] and r not in told:
+                    told.add(r)
+                    comm.mark_dead(r)
+            time.sleep(_WATCH_PERIOD)
+
+    threading.Thread(target=watch, name="distsgd-death-watch", daemon=True).start()
+
+
 def _report(rank: int, conn: mp.connection.Connection, report: tuple[str, Any]) -> None:
     try:
-        conn.send(report)
+        # Plain pickle, not the connection's: torch's reducer would share tensors through file
+        # descriptors that the parent fetches from this process, which may have exited by then.
+        conn.send_bytes(pickle.dumps(report))
     except (pickle.PicklingError, TypeError, AttributeError) as e:
-        conn.send(("error", _Failure(0, rank, f"worker {rank} failed: its result cannot be "
-                                     f"pickled: {e!r}")))
+        failure = _Failure(0, rank, f"worker {rank} failed: its result cannot be pickled: {e!r}")
+        conn.send_bytes(pickle.dumps(("error", failure)))
 
 
 def _describe(rank: int, error: BaseException) -> _Failure:
@@ -396,7 +584,8 @@ def _describe(rank: int, error: BaseException) -> _Failure:
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     if isinstance(error, UsageError):
         return _Failure(0, rank, str(error), usage=True, remote_traceback=text)
-    priority = 2 if isinstance(error, PeerLost) else 1 if isinstance(error, CommTimeout) else 0
+    consequence = isinstance(error, (PeerLost, PeerDied))  # of another worker's failure
+    priority = 2 if consequence else 1 if isinstance(error, CommTimeout) else 0
     if isinstance(error, DivergenceError):  # its message already names the worker and step
         return _Failure(priority, rank, str(error), remote_traceback=text)
     return _Failure(priority, rank, f"worker {rank} failed: {line}", remote_traceback=text)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distsgd import algorithms
+from distsgd import algorithms, checkpoint
 from distsgd.algorithms.base import Algorithm, WorkerContext
 from distsgd.comm.base import Comm, current, set_current
 from distsgd.comm.local import LocalComm
@@ -73,11 +73,12 @@ def is_server(algorithm: Algorithm | str, comm: Comm | None = None) -> bool:
 
 
 def serve(model: nn.Module, algorithm: Algorithm | str, *, lr: float,
-          comm: Comm | None = None, seed: int = 0) -> dict[str, Any]:
+          comm: Comm | None = None, seed: int = 0, saved: Any = None) -> dict[str, Any]:
     """Run a parameter server until every worker is done; returns its figures (staleness).
 
     ``model`` gives the shapes and the initial x̃ (build it as the workers do); ``lr`` is what a
-    server that applies the learning rate itself (async-sparse) uses.
+    server that applies the learning rate itself (async-sparse) uses; ``saved`` is this server's
+    state from a checkpoint (a resumed run).
 
         if distsgd.is_server(algorithm):
             distsgd.serve(model, algorithm, lr=0.05)
@@ -90,7 +91,7 @@ def serve(model: nn.Module, algorithm: Algorithm | str, *, lr: float,
     if comm.rank not in servers:
         raise ValueError(f"rank {comm.rank} is a worker of {algorithm.name}, not a server")
     ctx = WorkerContext(comm, model, None, workers, servers, seed=seed, lr=lr)
-    figures = algorithm.serve(ctx)
+    figures = algorithm.serve(ctx) if saved is None else algorithm.serve(ctx, saved)
     release(comm)
     return figures
 
@@ -139,6 +140,22 @@ class DistributedOptimizer:
         """Zero the gradients in place by default, so they stay views of the flat buffer that
         algorithms communicate (set_to_none=True works too, at the cost of one copy a step)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """This worker's model (parameters and every buffer), optimizer state (momentum), step
+        and algorithm state, as plain data (docs/checkpoints.md)."""
+        return {"model": {k: v.detach().clone() for k, v in self.ctx.model.state_dict().items()},
+                "optimizer": checkpoint.capture(self.optimizer.state_dict()),
+                "step": self.ctx.step,
+                "algorithm": self.algorithm.state_dict(self.ctx, self.state)}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Continue from `state_dict`'s output (after `__init__`, i.e. after the algorithm's init
+        has made its groups and connected to its servers)."""
+        self.ctx.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.ctx.step = saved["step"]
+        self.state = self.algorithm.load_state_dict(self.ctx, self.state, saved["algorithm"])
 
     def consensus_state(self) -> torch.Tensor:
         """The flat state of the evaluated model (collective over the workers, not counted)."""

@@ -7,6 +7,11 @@ A run folder is a folder with `config.json` (the first file a run writes); its `
 still be growing and its `summary.json` may not exist yet: such a run is reported as unfinished,
 with the figures of its last evaluation. Everything read from a folder is data, never markup: it is
 escaped on the way into HTML and Markdown.
+
+A `distsgd compare` folder whose grid file has a [report] table (``target_accuracy``,
+``target_loss``) adds, for each target, when each run first reached it: the steps per worker and
+the virtual and real seconds of the first evaluation with test accuracy >= the target (test loss
+<= the target). A run that never reached it shows n/a.
 """
 
 from __future__ import annotations
@@ -50,15 +55,19 @@ class Report:
     runs: list[Run]
 
 
-def make_report(dirs: Sequence[str | Path], out: str | Path | None = None) -> Report:
+def make_report(dirs: Sequence[str | Path], out: str | Path | None = None,
+                targets: dict[str, float] | None = None) -> Report:
     """Report the runs in `dirs` (run folders, or folders holding run folders at any depth).
 
-    `out` defaults to DIR/report for one DIR and ./report for several. Raises `UsageError` for a
-    missing folder, a folder holding no run, or a run file that is not valid JSON.
+    `out` defaults to DIR/report for one DIR and ./report for several; `targets` (keys as in a
+    grid file's [report] table) default to those of the compare grids among `dirs`. Raises
+    `UsageError` for a missing folder, a folder holding no run, or a run file that is not valid
+    JSON.
     """
     if not dirs:
         raise UsageError("report: give at least one run folder or folder holding run folders")
     runs = label_runs(find_runs(dirs))
+    columns = _COLUMNS + target_columns(grid_targets(dirs) if targets is None else targets)
     if out is None:
         out = Path(dirs[0], "report") if len(dirs) == 1 else Path("report")
     out = Path(out)
@@ -69,8 +78,8 @@ def make_report(dirs: Sequence[str | Path], out: str | Path | None = None) -> Re
     for stale in set(_PLOTS) - {p.name for p in plots}:  # left by an earlier report in `out`
         (out / stale).unlink(missing_ok=True)
     page, table = out / "report.html", out / "report.md"
-    page.write_text(html_page(runs, plots, dirs))
-    table.write_text(markdown_table(runs))
+    page.write_text(html_page(runs, plots, dirs, columns))
+    table.write_text(markdown_table(runs, columns))
     return Report(out, page, table, plots, runs)
 
 
@@ -180,6 +189,8 @@ def _differs(key: str, configs: list[dict[str, Any]]) -> bool:
 def _text(value: Any) -> str:
     if value is None:
         return "default"
+    if isinstance(value, float):
+        return format(value, ".6g")  # 0.005, not 0.004999999999999999 (0.05 * (1 - 0.9))
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -203,8 +214,10 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
         def panel(y: str, x: Callable[[Run, dict[str, Any]], Any] = x) -> Callable[[Run], _Series]:
             return lambda run: _series(run.metrics, lambda m: x(run, m), lambda m: m.get(y))
 
+        # Communication-efficient methods send orders of magnitude less: bytes on a log axis.
         figures[name] = _curves(runs, xlabel, [("test accuracy", panel("test_accuracy")),
-                                               ("train loss", panel("train_loss"))])
+                                               ("train loss", panel("train_loss"))],
+                                log_x=name == "vs_bytes_sent.png")
     figures["consensus_distance.png"] = _curves(runs, "steps per worker", [(
         "consensus distance (mean ||x_i - x̄||)",
         lambda run: _series(run.metrics, lambda m: m.get("step"),
@@ -232,14 +245,18 @@ def _series(metrics: list[dict[str, Any]], x: Callable[[dict[str, Any]], Any],
 
 
 def _curves(runs: list[Run], xlabel: str,
-            panels: list[tuple[str, Callable[[Run], _Series]]]) -> Any:
-    """One figure, a panel per metric, one line per run; None when no run has a point."""
+            panels: list[tuple[str, Callable[[Run], _Series]]], log_x: bool = False) -> Any:
+    """One figure, a panel per metric, one line per run; None when no run has a point. On a
+    log x axis the points at x = 0 (nothing sent yet) are left out."""
     from matplotlib.figure import Figure
 
     data = [[panel(r) for r in runs] for _, panel in panels]
+    if log_x:
+        data = [[_positive(xs, ys) for xs, ys in panel] for panel in data]
     if not any(xs for panel in data for xs, _ in panel):
         return None
-    rows = math.ceil(len(runs) / 3)  # legend rows below the panels
+    ncols = 3 if len(panels) > 1 else 1  # legend columns: long labels overflow a narrow figure
+    rows = math.ceil(len(runs) / ncols)  # legend rows below the panels
     fig = Figure(figsize=(5.5 * len(panels) + 1, 3.8 + 0.28 * rows), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, _), panel in zip(axes, panels, data, strict=True):
@@ -248,11 +265,18 @@ def _curves(runs: list[Run], xlabel: str,
                 ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=run.label,
                         **_style(i))
         ax.set(xlabel=xlabel, ylabel=title, title=f"{title} against {xlabel.split(' (')[0]}")
+        if log_x:
+            ax.set_xscale("log")
         ax.grid(alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=min(3, len(names)),
+    fig.legend(handles, names, loc="outside lower center", ncols=min(ncols, len(names)),
                fontsize="small", frameon=False)
     return fig
+
+
+def _positive(xs: list[float], ys: list[float]) -> _Series:
+    kept = [(a, b) for a, b in zip(xs, ys, strict=True) if a > 0]
+    return [a for a, _ in kept], [b for _, b in kept]
 
 
 def _style(i: int) -> dict[str, Any]:
@@ -289,7 +313,8 @@ def _staleness(runs: list[Run]) -> Any:
 # --- tables -------------------------------------------------------------------------------------
 
 def _mb(figures: dict[str, Any], workers: Any) -> float | None:
-    """MB sent per training worker, as `distsgd train` prints it (servers' bytes count too)."""
+    """MB sent per training worker, as `distsgd train` prints it: bytes_sent sums what the
+    training workers sent, so a parameter server's replies (the pulls) are not in it."""
     sent = figures.get("bytes_sent")
     count = workers if isinstance(workers, int) and workers > 0 else 1
     return sent / count / 1e6 if _number(sent) else None
@@ -324,6 +349,62 @@ _COLUMNS: tuple[tuple[str, Callable[[Run], Any], str, bool], ...] = (
 )
 
 
+_Column = tuple[str, Callable[[Run], Any], str, bool]
+# [report] key: (the metric, whether it must fall to the target, how a heading names it)
+_TARGETS = {"target_accuracy": ("test_accuracy", False, "acc ≥ {:g}"),
+            "target_loss": ("test_loss", True, "test loss ≤ {:g}")}
+
+
+def grid_targets(dirs: Iterable[str | Path]) -> dict[str, float]:
+    """The [report] targets of the compare grids in `dirs`: grid.json in a folder given, or beside
+    a run folder given; the first grid that sets a key wins."""
+    targets: dict[str, float] = {}
+    for d in dirs:
+        for path in (Path(d) / "grid.json", Path(d).parent / "grid.json"):
+            try:
+                table = json.loads(path.read_text())["spec"]["report"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # no grid there, or one without targets
+            if isinstance(table, dict):
+                for key, value in table.items():
+                    if key in _TARGETS and _number(value):
+                        targets.setdefault(key, float(value))
+            break
+    return targets
+
+
+def target_columns(targets: dict[str, float]) -> tuple[_Column, ...]:
+    """Steps (Markdown too), virtual and real seconds to each target, in `_TARGETS` order."""
+    unknown = sorted(set(targets) - set(_TARGETS))
+    if unknown:
+        raise UsageError(f"report: unknown target {unknown[0]!r}; valid targets: "
+                         f"{', '.join(_TARGETS)}")
+    columns: list[_Column] = []
+    for key, (metric, falls, name) in _TARGETS.items():
+        if key not in targets:
+            continue
+        text = name.format(targets[key])
+        for unit, field, fmt, markdown in (("steps", "step", ".0f", True),
+                                           ("virtual s", "virtual_time_s", ".4g", True),
+                                           ("real s", "real_time_s", ".2f", False)):
+            def get(run: Run, metric: str = metric, falls: bool = falls,
+                    target: float = targets[key], field: str = field) -> Any:
+                reached = first_reaching(run.metrics, metric, target, falls)
+                return None if reached is None else reached.get(field)
+            columns.append((f"{unit} to {text}", get, fmt, markdown))
+    return tuple(columns)
+
+
+def first_reaching(metrics: Sequence[dict[str, Any]], metric: str, target: float,
+                   falls: bool = False) -> dict[str, Any] | None:
+    """The first evaluation whose `metric` is >= `target` (<= when it `falls`), or None."""
+    for record in metrics:
+        value = record.get(metric)
+        if _number(value) and (value <= target if falls else value >= target):
+            return record
+    return None
+
+
 def _cell(value: Any, fmt: str) -> str:
     if value is None:
         return "n/a"
@@ -332,8 +413,8 @@ def _cell(value: Any, fmt: str) -> str:
     return str(value)
 
 
-def markdown_table(runs: list[Run]) -> str:
-    columns = [c for c in _COLUMNS if c[3]]
+def markdown_table(runs: list[Run], columns: Sequence[_Column] = _COLUMNS) -> str:
+    columns = [c for c in columns if c[3]]
     rule = ["---" if not fmt else "---:" for _, _, fmt, _ in columns]
     lines = ["| " + " | ".join(h for h, *_ in columns) + " |", "| " + " | ".join(rule) + " |"]
     for run in runs:
@@ -352,12 +433,13 @@ def _markdown_escape(text: str) -> str:
 
 # --- the HTML page ------------------------------------------------------------------------------
 
-def html_page(runs: list[Run], plots: list[Path], dirs: Sequence[str | Path]) -> str:
+def html_page(runs: list[Run], plots: list[Path], dirs: Sequence[str | Path],
+              columns: Sequence[_Column] = _COLUMNS) -> str:
     e = html.escape
     head = "".join(f'<th scope="col" aria-sort="none"><button type="button" data-type='
                    f'"{"num" if fmt else "text"}">{e(h)}</button></th>'
-                   for h, _, fmt, _ in _COLUMNS)
-    rows = "".join(f"<tr>{''.join(_html_cell(get(r), fmt) for _, get, fmt, _ in _COLUMNS)}</tr>\n"
+                   for h, _, fmt, _ in columns)
+    rows = "".join(f"<tr>{''.join(_html_cell(get(r), fmt) for _, get, fmt, _ in columns)}</tr>\n"
                    for r in runs)
     figures = "".join(
         f'<figure><img alt="{e(p.stem.replace("_", " "))}" src="data:image/png;base64,'

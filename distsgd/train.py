@@ -29,6 +29,7 @@ from distsgd.optimizer import DistributedOptimizer, serve, split_roles
 BACKENDS = ("sim", "processes", "torchrun")
 SAMPLINGS = ("shard", "iid")
 DIVERGENCE = ("stop", "skip")
+ON_FAILURE = ("stop", "continue")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class RunConfig:
     stragglers: tuple[tuple[int, float], ...] = ()  # (worker index, slowdown factor) pairs
     slowdown: str = "none"  # random per-step slowdown of every worker: none | lognormal:SIGMA
     on_divergence: str = "stop"  # a non-finite loss: stop the run, or skip that update
+    on_failure: str = "stop"  # a worker process dies: stop the run, or continue without it
     latency: float = 25e-6  # simulated network, seconds
     bandwidth: float = 1.25e9  # simulated network, bytes per second
     links: tuple[tuple[int, int, float, float], ...] = ()  # (rank, rank, latency, bandwidth)
@@ -61,6 +63,8 @@ class RunConfig:
     out: str | None = None  # run folder; None: runs/<timestamp>-<algorithm>
     data_dir: str | None = None  # dataset cache; None: $DISTSGD_DATA or ~/.cache/distsgd
     progress: bool = False  # a progress bar on stderr
+    checkpoint_every: int = 0  # steps between checkpoints in the run folder; 0: none
+    stop_after: int | None = None  # stop right after the checkpoint at this step (to resume)
 
     DEFAULT_EPOCHS = 30.0
 
@@ -105,6 +109,10 @@ class RunConfig:
             check_range("eval_every", self.eval_every, 1)
         _choice("sampling", self.sampling, SAMPLINGS)
         _choice("on_divergence", self.on_divergence, DIVERGENCE)
+        _choice("on_failure", self.on_failure, ON_FAILURE)
+        if self.on_failure == "continue" and self.algorithm not in survives_failures():
+            raise UsageError(f"on_failure 'continue' does not support {self.algorithm!r}; "
+                             f"valid algorithms: {', '.join(survives_failures())}")
         ComputeModel.parse(self.compute_time)
         for index, factor in self.stragglers:
             check_range("straggler rank", index, 0, self.workers - 1)
@@ -113,6 +121,7 @@ class RunConfig:
         check_range("latency", self.latency, 0)
         check_range("bandwidth", self.bandwidth, 0, low_open=True)
         check_range("timeout", self.timeout, 0, low_open=True)
+        self._check_checkpoints()
         world = self.world_size()
         for a, b, latency, bandwidth in self.links:
             check_range("link rank", a, 0, world - 1)
@@ -122,6 +131,35 @@ class RunConfig:
         # Checks that need the run (e.g. crossover's groups against the workers) fail here,
         # before any data is loaded or process started; warnings are printed when it starts.
         self.make_algorithm().validate(self.workers, self.learning_rate)
+
+    def _check_checkpoints(self) -> None:
+        check_range("checkpoint_every", self.checkpoint_every, 0)
+        if self.stop_after is not None:
+            if not self.checkpoint_every:
+                raise UsageError("stop_after needs checkpoint_every > 0: a run stops right after "
+                                 "writing a checkpoint")
+            if self.stop_after < 1 or self.stop_after % self.checkpoint_every:
+                raise UsageError(f"stop_after={self.stop_after} is not a checkpoint step: valid "
+                                 f"values are multiples of checkpoint_every="
+                                 f"{self.checkpoint_every} below the run's steps")
+            if self.steps is not None:
+                self.check_length(self.steps)
+        algorithm = self.make_algorithm()
+        if (self.checkpoint_every and self.backend != "sim" and not algorithm.synchronous
+                and not algorithm.servers(self.workers)):
+            raise UsageError(f"checkpoint_every: {self.algorithm} on real processes cannot be "
+                             "checkpointed (its messages in flight between workers are not "
+                             "captured there); valid backends for it: sim")
+        if self.checkpoint_every and self.on_failure == "continue":
+            raise UsageError("checkpoint_every cannot be combined with on_failure 'continue' (a "
+                             "checkpoint needs every worker); valid: on_failure 'stop'")
+
+    def check_length(self, total: int) -> None:
+        """Checks that need the run's length in steps (known once the dataset is loaded)."""
+        if self.stop_after is not None and self.stop_after >= total:
+            raise UsageError(f"stop_after={self.stop_after} is not a checkpoint step of a run of "
+                             f"{total} steps: valid values are multiples of checkpoint_every="
+                             f"{self.checkpoint_every} below {total}")
 
     def make_algorithm(self) -> Algorithm:
         typed = {k: v for k, v in self.hyperparameters.items() if not isinstance(v, str)}
@@ -154,6 +192,15 @@ class RunConfig:
         out["hyperparameters"] = dataclasses.asdict(self.make_algorithm())
         out["lr"] = self.learning_rate
         return out
+
+
+def survives_failures() -> tuple[str, ...]:
+    """The algorithms whose survivors can carry on after a worker dies (--on-failure continue):
+    gossip (no step waits for everyone) and the parameter servers (the server drops the dead)."""
+    from distsgd.algorithms.ps import ParameterServerAlgorithm
+
+    return tuple(sorted(name for name, cls in algorithms.REGISTRY.items()
+                        if name in ("gosgd", "sgp") or issubclass(cls, ParameterServerAlgorithm)))
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -221,10 +268,19 @@ class Slowdown:
                              "'lognormal:SIGMA' with SIGMA >= 0")
         return cls(sigma)
 
-    def factors(self, seed: int, worker: int) -> Iterator[float]:
-        rng = np.random.default_rng([seed, 0x5104, worker])
-        while True:
-            yield float(np.exp(self.sigma * rng.standard_normal())) if self.sigma else 1.0
+    def factors(self, seed: int, worker: int) -> Jitter:
+        return Jitter(self.sigma, np.random.default_rng([seed, 0x5104, worker]))
+
+
+@dataclass
+class Jitter(Iterator[float]):
+    """One worker's stream of slowdown factors; its generator is saved in checkpoints."""
+
+    sigma: float
+    rng: np.random.Generator
+
+    def __next__(self) -> float:
+        return float(np.exp(self.sigma * self.rng.standard_normal())) if self.sigma else 1.0
 
 
 @dataclass
@@ -242,9 +298,11 @@ class Contribution:
 
 
 class Observer(Protocol):
-    """How long a worker trains and when its state is evaluated (see `distsgd.evaluation`)."""
+    """How long a worker trains, when its state is evaluated (see `distsgd.evaluation`), and
+    when it is checkpointed (`capture` gives the worker's whole state, see `distsgd.checkpoint`)."""
 
-    def begin(self, ctx: WorkerContext, snapshot: Callable[[], Contribution]) -> None: ...
+    def begin(self, ctx: WorkerContext, snapshot: Callable[[], Contribution],
+              capture: Callable[[], dict[str, Any]] | None = None) -> None: ...
 
     def take(self, ctx: WorkerContext, done: int) -> bool: ...
 
@@ -267,27 +325,50 @@ def eval_steps(cfg: RunConfig, total: int) -> set[int]:
     return {0, total, *range(every, total, every)}
 
 
+def checkpoint_steps(cfg: RunConfig, total: int) -> set[int]:
+    every = cfg.checkpoint_every
+    return set(range(every, total, every)) if every else set()
+
+
 def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Observer,
-                on_step: Callable[[int], None] | None = None) -> WorkerResult:
-    """One rank's run: a training worker, or a server of a parameter-server algorithm."""
+                on_step: Callable[[int], None] | None = None,
+                resume: dict[str, Any] | None = None) -> WorkerResult:
+    """One rank's run: a training worker, or a server of a parameter-server algorithm.
+
+    `resume`: a checkpoint (`distsgd.checkpoint`) to continue from instead of the start.
+    """
     algorithm = cfg.make_algorithm()
     servers, workers = split_roles(algorithm, comm.world_size)
     torch.manual_seed(cfg.seed)  # every rank builds the same initial model
     model = models.build(cfg.model_name, dataset.input_shape, dataset.num_classes)
+    # This worker's own torch generator (dropout), swapped in around its forward and backward:
+    # simulated workers share one process, and their draws must not depend on the schedule.
+    rng = torch.get_rng_state()
     if comm.rank in servers:
-        figures = serve(model, algorithm, lr=cfg.learning_rate, comm=comm, seed=cfg.seed)
+        saved_shard = resume["servers"][comm.rank] if resume is not None else None
+        figures = serve(model, algorithm, lr=cfg.learning_rate, comm=comm, seed=cfg.seed,
+                        saved=saved_shard)
         return WorkerResult(comm.rank, 0, torch.empty(0), comm.bytes_by_verb, comm.now(), figures)
     index = workers.index(comm.rank)
     momentum = cfg.momentum if algorithm.local_momentum() else 0.0
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=momentum,
                                 weight_decay=cfg.weight_decay)
     opt = DistributedOptimizer(model, optimizer, algorithm, comm=comm, seed=cfg.seed)
-    batches = data.batches(dataset, index, len(workers), cfg.batch_size, cfg.seed, cfg.sampling)
     compute = ComputeModel.parse(cfg.compute_time)
     straggle = dict(cfg.stragglers).get(index, 1.0)
     jitter = Slowdown.parse(cfg.slowdown).factors(cfg.seed, index)
     flops = models.forward_flops(model, dataset.input_shape)
     loss_sum, loss_count = 0.0, 0
+    if resume is not None:
+        saved = resume["workers"][index]
+        opt.load_state_dict(saved)  # model, optimizer (momentum), step, algorithm state
+        jitter.rng.bit_generator.state = saved["jitter"]
+        rng, loss_sum, loss_count = saved["torch_rng"], saved["loss_sum"], saved["loss_count"]
+        if comm.now() is None:  # real processes: counting goes on from the checkpoint's bytes
+            comm.restore_counts(saved["bytes_by_verb"])  # (the simulator restores its own)
+    # The data position is the number of batches taken: one a step.
+    batches = data.batches(dataset, index, len(workers), cfg.batch_size, cfg.seed, cfg.sampling,
+                           start=opt.ctx.step)
 
     def snapshot() -> Contribution:
         params = opt.ctx.flat.get()
@@ -299,22 +380,34 @@ def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Obs
         return Contribution(params, vector, weight, loss_sum, loss_count,
                             comm.bytes_sent, comm.now(), extra)
 
-    observer.begin(opt.ctx, snapshot)
+    def capture() -> dict[str, Any]:
+        """Everything this worker needs to go on from here (at a checkpoint step)."""
+        return {**opt.state_dict(), "jitter": jitter.rng.bit_generator.state,
+                "torch_rng": rng.clone(), "loss_sum": loss_sum, "loss_count": loss_count,
+                "bytes_by_verb": comm.bytes_by_verb, "clock": comm.now(),
+                # Worker 0 also fetches the servers' shards (every worker is at the checkpoint).
+                "servers": algorithm.server_state_dicts(opt.ctx, opt.state) if index == 0 else []}
+
+    observer.begin(opt.ctx, snapshot, capture)
     model.train()
-    step = 0
+    step = opt.ctx.step
     while observer.take(opt.ctx, step):
         step += 1
         x, y = next(batches)
         started = time.perf_counter()
+        shared = torch.get_rng_state()
+        torch.set_rng_state(rng)
         loss = F.cross_entropy(model(x), y)
         finite = bool(torch.isfinite(loss))
         if finite:
             loss.backward()
-        elif cfg.on_divergence == "stop":
+        rng = torch.get_rng_state()
+        torch.set_rng_state(shared)
+        if not finite and cfg.on_divergence == "stop":
             raise DivergenceError(f"worker {index} diverged: loss {loss.item()} at step {step} "
                                   "(lower --lr, or --on-divergence skip)")
-        # else: skip this update. The gradient stays zero, but the step still runs, so the
-        # algorithm's messages and collectives happen and no other worker waits for this one.
+        # With --on-divergence skip, the update is skipped: the gradient stays zero, but the step
+        # still runs, so the algorithm's messages and collectives happen and nobody waits.
         measured = time.perf_counter() - started
         slow = straggle * next(jitter)
         comm.elapse(slow * compute.step_seconds(flops, len(y), measured))

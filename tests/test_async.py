@@ -280,7 +280,8 @@ def test_the_summary_staleness_equals_the_servers_own_figures(shards: int,
                            hyperparameters={"shards": shards}, stragglers=((1, 3.0),),
                            out=str(tmp_path))
     servers = merge_figures([w.figures for w in result.workers if w.figures])
-    for key in ("staleness_mean", "staleness_max", "staleness_histogram", "ssp_max_clock_gap"):
+    for key in ("staleness_mean", "staleness_max", "staleness_histogram", "ssp_max_clock_gap",
+                "server_bytes_sent"):
         assert result.summary[key] == servers[key]
 
 
@@ -295,3 +296,58 @@ def test_a_slow_link_slows_only_the_algorithms_that_use_it(tmp_path: Path) -> No
     with pytest.raises(distsgd.UsageError, match="link rank=4 is out of range"):
         distsgd.train(algorithm="downpour", **base, links=[(0, 4, 1e-3, 1e6)],
                       out=str(tmp_path / "bad"))
+
+
+# ------------------------------------------------------------------- the servers' traffic
+def _downpour_server_bytes(workers: int, steps: int, numel: int) -> int:
+    """downpour τ = 1, one shard: the server sends nothing but replies to pulls, one at the start
+    and one after every push; a reply is x̃ (float32) plus a tail of two float64 (version, lowest
+    clock). Budget runs (simulator) and fixed-step runs take workers × steps steps in all."""
+    return workers * (1 + steps) * (4 * numel + 16)
+
+
+def test_server_bytes_sent_is_the_closed_form_and_the_server_ranks_counter(
+        tmp_path: Path) -> None:
+    result = distsgd.train(algorithm="downpour", workers=2, steps=6, eval_every=3, model="mlp",
+                           out=str(tmp_path))
+    server, numel = result.workers[0], result.workers[1].state.numel()
+    expected = _downpour_server_bytes(2, 6, numel)
+    assert result.summary["server_bytes_sent"] == expected
+    assert result.metrics[-1]["server_bytes_sent"] == expected
+    assert server.bytes_by_verb == {"send": expected}  # the server only sends replies
+    assert server.figures["server_bytes_sent"] == expected
+    # The workers' own figure leaves the replies out: everything they sent (the initial
+    # broadcast, headers, pushes) but the 32-byte DONE header of the last worker to stop, sent
+    # after the last evaluation (the other's went before it).
+    assert result.summary["bytes_sent"] == sum(sum(w.bytes_by_verb.values())
+                                               for w in result.workers[1:]) - 32
+    sent = [m["server_bytes_sent"] for m in result.metrics]
+    assert sent[0] == 2 * (4 * numel + 16) and sent == sorted(sent)  # so far: only grows
+
+
+def test_server_bytes_sent_sums_the_shards(tmp_path: Path) -> None:
+    one = distsgd.train(algorithm="downpour", workers=2, steps=4, model="mlp",
+                        out=str(tmp_path / "one"))
+    two = distsgd.train(algorithm="downpour", workers=2, steps=4, model="mlp",
+                        hyperparameters={"shards": 2}, out=str(tmp_path / "two"))
+    # Each shard replies with its piece of x̃ and its own 16-byte tail.
+    tails = 2 * (1 + 4) * 16
+    assert two.summary["server_bytes_sent"] == one.summary["server_bytes_sent"] + tails
+    assert two.summary["server_bytes_sent"] == sum(w.bytes_by_verb.get("send", 0)
+                                                   for w in two.workers[:2])
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(240)
+def test_server_bytes_sent_on_processes_equals_the_simulators(tmp_path: Path) -> None:
+    # One worker: its last evaluation asks the server after every reply has been sent, so the
+    # "so far" figure is the final one on both backends (with more workers on processes, worker
+    # 0 may ask while another worker's last pull is still unanswered).
+    options = dict(algorithm="downpour", workers=1, steps=5, eval_every=5, model="mlp")
+    sim = distsgd.train(**options, backend="sim", out=str(tmp_path / "sim"))
+    real = distsgd.train(**options, backend="processes", out=str(tmp_path / "real"))
+    numel = sim.workers[1].state.numel()
+    assert real.summary["server_bytes_sent"] == sim.summary["server_bytes_sent"] == (
+        _downpour_server_bytes(1, 5, numel))
+    assert [m["server_bytes_sent"] for m in real.metrics] == [
+        m["server_bytes_sent"] for m in sim.metrics]

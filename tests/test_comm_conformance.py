@@ -183,6 +183,9 @@ def poll(comm: Comm) -> Any:
     """poll takes a message that has arrived, and returns None (at once) when there is none."""
     buf = torch.empty(2)
     nothing = comm.poll(buf)
+    # Every rank has polled before rank 1 sends: on processes, a rank 0 that reached its first
+    # poll late would otherwise take the message there (a race of the test, not of poll).
+    comm.barrier()
     if comm.rank == 1:
         comm.send(torch.tensor([7.0, 8.0]), 0)
     if comm.rank != 0:

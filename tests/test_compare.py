@@ -87,6 +87,66 @@ def test_flags_replace_the_file_and_other_options_become_axes(tmp_path: Path) ->
     assert cells[-1].config.to_json()["hyperparameters"]["fair"] is False
 
 
+SUB_GRIDS_TOML = """\
+[run]
+steps = 4
+model = "mlp"
+[[grid]]
+algorithm = ["sgp", "crossover"]
+workers = 2
+batch_size = 16
+[grid.hyperparameters.crossover]
+fair = [true, false]
+[[grid]]
+algorithm = "crossover"
+workers = [2, 4]
+batch_size = 16
+lr = 0.2
+[[grid]]
+algorithm = ["crossover"]
+workers = 2
+batch_size = 16
+[grid.hyperparameters]
+fair = true
+"""
+
+
+def test_sub_grids_are_united_and_a_cell_they_share_is_one(tmp_path: Path) -> None:
+    import tomllib
+
+    doc = tomllib.loads(SUB_GRIDS_TOML)
+    cells = compare.GridSpec.from_dict(doc).cells(tmp_path)
+    assert [c.name for c in cells] == [
+        "sgp-w2-batch_size=16-seed0",
+        "crossover-w2-batch_size=16-fair=true-seed0",  # also the third sub-grid's only cell
+        "crossover-w2-batch_size=16-fair=false-seed0",
+        "crossover-w2-batch_size=16-lr=0.2-seed0", "crossover-w4-batch_size=16-lr=0.2-seed0",
+    ]
+    assert [c.config.lr for c in cells] == [None, None, None, 0.2, 0.2]  # a run option per part
+    # Flags replace their entry in every sub-grid.
+    flagged = compare.GridSpec.from_dict(compare.override(doc, workers="8", seed="1"))
+    assert {(c.config.workers, c.config.seed) for c in flagged.cells(tmp_path)} == {(8, 1)}
+    assert len(flagged.cells(tmp_path)) == 4  # w2 and w4 of the lr=0.2 part are one now
+
+
+EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.toml"))
+
+
+def test_the_reproduction_suite_has_one_file_per_claim() -> None:
+    assert [p.name[:2] for p in EXPERIMENTS] == ["1-", "2-", "3-", "4-", "5-", "6-"]
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_experiment_builds_a_valid_grid(path: Path, tmp_path: Path) -> None:
+    doc = compare.load(path)
+    cells = compare.GridSpec.from_dict(doc).cells(tmp_path)  # builds and checks every config
+    assert cells and all(c.config.backend == "sim" for c in cells)
+    assert compare.report_targets(doc), "a claim needs its target in [report]"
+    # The file's comment holds the command that ran it, as docs/results.md quotes it.
+    command = f"distsgd compare experiments/{path.name} --out runs/exp/{path.stem}"
+    assert command in path.read_text()
+
+
 def test_runs_a_2x2_grid_and_writes_every_cell(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -148,7 +208,16 @@ def test_resume_reruns_only_incomplete_or_outdated_cells(
 
 @pytest.mark.parametrize("toml, message", [
     ("[runs]\nsteps = 4",
-     "unknown key 'runs' in the grid file; valid keys: description, grid, run"),
+     "unknown key 'runs' in the grid file; valid keys: description, grid, report, run"),
+    ("[[grid]]\nalgorithm = 'sgp'\n[[grid]]\nworkers = 2",
+     "[[grid]] number 2: grid.algorithm is missing"),
+    ("grid = [1, 2]", "grid must be a table ([grid]) or a list of tables ([[grid]])"),
+    ("[report]\ntarget_acc = 0.9\n[grid]\nalgorithm = 'sgp'",
+     "unknown key 'target_acc' in [report]; valid keys: target_accuracy, target_loss"),
+    ("[report]\ntarget_accuracy = 1.5\n[grid]\nalgorithm = 'sgp'",
+     "report.target_accuracy=1.5 is out of range"),
+    ("[report]\ntarget_loss = 'low'\n[grid]\nalgorithm = 'sgp'",
+     "report.target_loss='low' is not a valid float"),
     ("[run]\nstepz = 4\n[grid]\nalgorithm = 'sgp'", "unknown key 'stepz' in [run]; valid keys: "),
     ("[grid]\nalgorithm = 'sgp'\nworkers = 'four'", "grid.workers='four' is not a valid int"),
     ("[grid]\nalgorithm = 'sgp'\nworkers = [2, 2]", "grid.workers lists 2 twice"),

@@ -60,12 +60,14 @@ def test_python_api_options_are_valid_or_a_usage_error(options: dict[str, Any],
 FLAGS = ["--algorithm", "--workers", "--backend", "--dataset", "--model", "--steps", "--epochs",
          "--batch-size", "--lr", "--momentum", "--weight-decay", "--seed", "--eval-every",
          "--sampling", "--compute-time", "--straggler", "--slowdown", "--on-divergence",
-         "--link", "--latency", "--bandwidth", "--timeout", "--set"]
+         "--link", "--latency", "--bandwidth", "--timeout", "--set", "--on-failure",
+         "--checkpoint-every", "--stop-after"]  # --resume reads folders: tests/test_checkpoint.py
 words = st.one_of(
     st.sampled_from(["0", "1", "-1", "2", "3", "0.5", "nan", "inf", "-inf", "1e400", "",
                      "sgp", "ssp", "crossover", "digits", "mlp", "cnn", "sim", "processes",
                      "period=0", "period=3", "s=inf", "peers=9", "groups=2", "p=1.5",
-                     "3:4", "3:x", "0:1:1e-3:1e6", "0:1", "fair=maybe", "=", "a=b=c"]),
+                     "3:4", "3:x", "0:1:1e-3:1e6", "0:1", "fair=maybe", "=", "a=b=c", "continue",
+                     "stop", "gosgd"]),
     st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=6),
 )
 

@@ -15,13 +15,15 @@ import pytest
 import torch
 
 from distsgd.comm.base import Comm, current
-from distsgd.errors import UsageError, WorkerFailure
+from distsgd.errors import PeerDied, UsageError, WorkerFailure
 from distsgd.launch import (
+    deaths,
     file_rendezvous,
     free_port,
     from_torchrun_env,
     is_torchrun,
     launch,
+    note_step,
 )
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.processes]
@@ -214,3 +216,50 @@ def test_rendezvous_helpers() -> None:
         folder = Path(url.removeprefix("file://")).parent
         assert folder.is_dir() and not any(folder.iterdir())
     assert not folder.exists()
+
+
+def outlive_rank_two(comm: Comm) -> dict[str, Any]:
+    """Rank 2 notes steps 0..2 and is killed after step 2 (DISTSGD_KILL); the others then see
+    PeerDied from every verb that involves it, and rank 1's next any-source recv announces it
+    (rank 0 sends nothing before rank 1 has looked, so that recv has no message to deliver)."""
+    comm.barrier()
+    for step in range(3):
+        note_step(step)
+    seen: dict[str, Any] = {}
+    deadline = time.monotonic() + 60
+    while not deaths() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen["deaths"] = {r: last for r, (last, _) in deaths().items()}
+    checks = [("send", lambda: comm.send(torch.ones(2), 2)),
+              ("recv", lambda: comm.recv(torch.empty(2), src=2))]
+    if comm.rank == 1:
+        checks.append(("any", lambda: comm.recv(torch.empty(2))))
+    for verb, call in checks:
+        try:
+            call()
+        except PeerDied as e:
+            seen[verb] = e.rank
+    got = torch.empty(2)  # ranks 0 and 1 still talk
+    if comm.rank == 1:
+        comm.send(torch.full((2,), 1.0), 0)
+        comm.recv(got, src=0)
+    elif comm.rank == 0:
+        comm.recv(got, src=1)
+        comm.send(torch.full((2,), 0.0), 1)
+    seen["got"] = got.tolist()
+    return seen
+
+
+def test_with_continue_the_survivors_carry_on_without_a_dead_rank() -> None:
+    results = launch(outlive_rank_two, 3, timeout=100, comm_timeout=60, on_failure="continue",
+                     env={"DISTSGD_KILL": "2:2"})
+    assert results[2] is None  # died: no result
+    assert results[0] == {"deaths": {2: 2}, "send": 2, "recv": 2, "got": [1.0, 1.0]}
+    assert results[1] == {"deaths": {2: 2}, "send": 2, "recv": 2, "any": 2, "got": [0.0, 0.0]}
+
+
+def test_with_continue_an_essential_rank_still_ends_the_run() -> None:
+    with pytest.raises(WorkerFailure, match=r"^worker 0 died: killed by signal SIGKILL after "
+                                            r"step 2$"):
+        launch(outlive_rank_two, 3, timeout=100, comm_timeout=60, on_failure="continue",
+               essential=[0], env={"DISTSGD_KILL": "0:2"})

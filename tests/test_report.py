@@ -100,6 +100,45 @@ def test_page_is_self_contained_and_escapes_folder_text(grid: Path, tmp_path: Pa
     assert "\\<img src=x onerror=alert(1)\\>" in md
 
 
+def test_first_reaching_is_the_first_evaluation_past_the_target() -> None:
+    from distsgd.report import first_reaching
+
+    metrics = [{"step": 0, "test_accuracy": 0.1, "test_loss": 2.0},
+               {"step": 2, "test_accuracy": None, "test_loss": None},  # not evaluated
+               {"step": 4, "test_accuracy": 0.5, "test_loss": 0.9},
+               {"step": 6, "test_accuracy": 0.4, "test_loss": 1.1}]
+    assert first_reaching(metrics, "test_accuracy", 0.5) == metrics[2]  # >=, and the first
+    assert first_reaching(metrics, "test_loss", 1.0, falls=True) == metrics[2]
+    assert first_reaching(metrics, "test_accuracy", 0.6) is None
+
+
+def test_a_grids_report_targets_add_the_steps_and_time_to_reach_them(
+        grid: Path, tmp_path: Path) -> None:
+    from distsgd.report import first_reaching, grid_targets
+
+    root = tmp_path / "grid"
+    shutil.copytree(grid / "sgp", root / "sgp")
+    (root / "grid.json").write_text(json.dumps({"spec": {"report": {"target_accuracy": 0.05}}}))
+    assert grid_targets([root]) == grid_targets([root / "sgp"]) == {"target_accuracy": 0.05}
+    report = make_report([root], tmp_path / "out")
+    head, _, row = report.markdown.read_text().splitlines()
+    heads = [h.strip() for h in head.strip("|").split("|")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    reached = first_reaching(report.runs[0].metrics, "test_accuracy", 0.05)
+    assert reached is not None  # any trained model beats 5% on 10 classes
+    values = dict(zip(heads, cells, strict=True))
+    assert values["steps to acc ≥ 0.05"] == f"{reached['step']:.0f}"
+    assert values["virtual s to acc ≥ 0.05"] == f"{reached['virtual_time_s']:.4g}"
+    assert "real s to acc ≥ 0.05" in report.html.read_text()  # the page has every column
+    # Targets given explicitly replace the grid's; one no run reaches shows n/a.
+    report = make_report([root], tmp_path / "out2", targets={"target_loss": 1e-9})
+    values = dict(zip(*(([c.strip() for c in line.strip("|").split("|")])
+                        for line in report.markdown.read_text().splitlines()[::2]), strict=True))
+    assert values["steps to test loss ≤ 1e-09"] == "n/a"
+    with pytest.raises(UsageError, match="unknown target 'target_acc'"):
+        make_report([root], tmp_path / "out3", targets={"target_acc": 0.5})
+
+
 def test_cli_prints_where_it_wrote(
     grid: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:

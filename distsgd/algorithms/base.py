@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from distsgd import checkpoint
 from distsgd.comm.base import Comm, Group
 from distsgd.errors import UsageError, check_range, check_type
 from distsgd.flat import FlatState
@@ -76,6 +77,13 @@ class WorkerContext:
     @property
     def workers(self) -> int:
         return len(self.worker_ranks)
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        """The machine of each global rank as the communicator knows it (torchrun's node, the
+        simulator's host); all 0 (one machine) when it does not say."""
+        nodes = getattr(self.comm, "nodes", None)
+        return tuple(nodes) if nodes else (0,) * self.comm.world_size
 
 
 @dataclass(frozen=True)
@@ -135,10 +143,25 @@ class Algorithm:
         """
         return ctx.flat.get(), 1.0
 
-    def serve(self, ctx: WorkerContext) -> dict[str, Any]:
+    def serve(self, ctx: WorkerContext, saved: Any = None) -> dict[str, Any]:
         """The server role's loop, for algorithms whose `servers` is positive; runs until every
-        worker has finished and returns the server's final figures."""
+        worker has finished and returns the server's final figures. `saved`: this server's state
+        from a checkpoint, to start from instead of the model."""
         raise NotImplementedError(f"{self.name} has no server role")
+
+    # ---------------------------------------------------------------------- checkpoints
+    def state_dict(self, ctx: WorkerContext, state: Any) -> Any:
+        """This worker's algorithm state as plain data (docs/checkpoints.md). The default walks
+        the state object: dataclasses, tensors, numbers, containers, numpy generators."""
+        return checkpoint.capture(state)
+
+    def load_state_dict(self, ctx: WorkerContext, state: Any, saved: Any) -> Any:
+        """Put `saved` (from `state_dict`) back into `state`, made by `init`; returns the state."""
+        return checkpoint.restore(state, saved)
+
+    def server_state_dicts(self, ctx: WorkerContext, state: Any) -> list[Any]:
+        """Every server's state, fetched by worker 0 at a checkpoint (none: no server role)."""
+        return []
 
 
 def average_gradients_(ctx: WorkerContext, group: Group) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,6 +19,7 @@ class CrossoverState:
     bounds: list[tuple[int, int]]  # the segments of the flat model
     group: Group | None = None  # this worker's group (hierarchical mode)
     leaders: list[int] = field(default_factory=list)  # worker indices of the group leaders
+    members: list[list[int]] = field(default_factory=list)  # each group's global ranks
 
 
 @register
@@ -29,7 +31,8 @@ class Crossover(Algorithm):
     shared seed draws a permutation without fixed points, so every worker sends and receives
     exactly one copy of every segment (no hotspot, doubly stochastic, the average model preserved).
     Each idea can be turned off: segments=1 (whole model), fair=false (independent peers),
-    groups=0 (flat).
+    groups=0 (flat). groups=-1 makes one group per machine: torchrun's nodes on real processes,
+    `NetworkModel.hosts` in the simulator (where, without hosts, every worker is a machine).
     """
 
     name = "crossover"
@@ -42,7 +45,7 @@ class Crossover(Algorithm):
     fair: bool = hyperparameter(True, "load-balanced derangement (false: independent peers)")
     groups: int = hyperparameter(
         0, "hierarchical groups: 0 flat; G >= 1 averages gradients inside G contiguous groups "
-        "and gossips among their leaders", low=0)
+        "and gossips among their leaders; -1 one group per machine (torchrun node)", low=-1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,12 +70,25 @@ class Crossover(Algorithm):
         state = CrossoverState(bounds)
         if self.groups:
             # new_group is collective: every worker creates every group, in the same order.
-            for members in topology.contiguous_groups(ctx.workers, self.groups):
+            for members in self._groups(ctx):
                 group = ctx.comm.new_group([ctx.worker_ranks[i] for i in members])
                 state.leaders.append(members[0])
+                state.members.append(list(group.ranks))
                 if ctx.index in members:
                     state.group = group
         return state
+
+    def _groups(self, ctx: WorkerContext) -> list[list[int]]:
+        """The groups' members (worker indices): contiguous, or one group per machine, which keeps
+        the gradient all-reduce on the fast links inside a machine and only leaders cross."""
+        if self.groups > 0:
+            return topology.contiguous_groups(ctx.workers, self.groups)
+        node_of = [ctx.nodes[r] for r in ctx.worker_ranks]
+        # In order of each machine's first worker: every rank builds the same list.
+        return [[i for i, n in enumerate(node_of) if n == node] for node in dict.fromkeys(node_of)]
+
+    def metrics(self, ctx: WorkerContext, state: CrossoverState) -> dict[str, Any]:
+        return {"groups": state.members} if state.members else {}
 
     def after_backward(self, ctx: WorkerContext, state: CrossoverState) -> None:
         if state.group is None or state.group.size == 1:

@@ -44,7 +44,9 @@ class EASGD(ElasticRates, Algorithm):
     sends = "one all-reduce of |x| every τ steps"
 
     def validate(self, workers: int, lr: float) -> list[str]:
-        # The paper's stability region for the round-robin 1-D quadratic (§3.2 / Lemma).
+        # The paper's stability region for the round-robin 1-D quadratic (§3.2 / Lemma). It bounds
+        # ηh, h the curvature, taken as 1 here: it catches gross settings only, since a network's
+        # h is unknown (docs/algorithms.md, easgd-async, for what breaks plain SGD at lr 0.5).
         alpha = self.moving_rate(workers)
         if not (0 <= lr <= 2 and 0 <= alpha <= (4 - 2 * lr) / (4 - lr)):
             return [f"easgd: lr={lr} and alpha={alpha:g} lie outside the paper's stability "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -10,6 +10,7 @@ import torch
 from distsgd import mixing
 from distsgd.algorithms import register
 from distsgd.algorithms.base import Algorithm, WorkerContext, hyperparameter
+from distsgd.errors import PeerDied
 
 
 @dataclass
@@ -17,6 +18,7 @@ class GossipState:
     weight: float  # a_i, float64: halvings and sums of dyadic fractions stay exact
     rng: np.random.Generator  # this worker's own coin and peer choice
     inbox: torch.Tensor  # a reusable receive buffer: x followed by the packed weight
+    dead: set[int] = field(default_factory=set)  # worker indices known dead (--on-failure)
 
 
 @register
@@ -26,6 +28,10 @@ class GoSGD(Algorithm):
     take a local SGD step, then with probability p halve a_i and send (x_i, a_i) to a random other
     worker without waiting. Σ a_i (messages in flight included) stays exactly 1, and without
     gradient steps Σ a_i x_i is conserved while every x_i converges to it.
+
+    With ``--on-failure continue`` a worker stops choosing a peer once a push to it fails
+    (`PeerDied`) and keeps the weight it meant to send; the mass the dead worker held or was
+    sent is lost, and Σ a_i x_i / Σ a_i over the survivors stays their weighted average.
     """
 
     name = "gosgd"
@@ -44,12 +50,17 @@ class GoSGD(Algorithm):
 
     def after_step(self, ctx: WorkerContext, state: GossipState) -> None:
         x = ctx.flat.get()
-        if ctx.workers > 1 and state.rng.random() < self.p:
-            peer = int(state.rng.integers(ctx.workers - 1))
-            peer += peer >= ctx.index  # any other worker
+        # Any other live worker; with none dead, the draw is the original one (any other worker).
+        live = [i for i in range(ctx.workers) if i != ctx.index and i not in state.dead]
+        if live and state.rng.random() < self.p:
+            peer = live[int(state.rng.integers(len(live)))]
             state.weight /= 2
             message = torch.cat([x, mixing.pack_weight(state.weight, x.dtype)])
-            ctx.comm.send(message, ctx.worker_ranks[peer])
+            try:
+                ctx.comm.send(message, ctx.worker_ranks[peer])
+            except PeerDied:
+                state.weight *= 2  # nothing left: the half stays here (exact: a power of 2)
+                state.dead.add(peer)
         # Merge what has arrived, so the next gradient is taken at the mixed point.
         slots = mixing.weight_slots(x.dtype)
         while ctx.comm.poll(state.inbox) is not None:

@@ -19,12 +19,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from distsgd import mixing
+from distsgd import checkpoint, mixing
 from distsgd.algorithms.base import Algorithm, WorkerContext, hyperparameter
+from distsgd.errors import PeerDied, ProtocolError
 
-PUSH, PUSH_SPARSE, PULL, ELASTIC, DONE, SNAPSHOT = range(1, 7)
+PUSH, PUSH_SPARSE, PULL, ELASTIC, DONE, SNAPSHOT, CHECKPOINT = range(1, 8)
 HEADER = 4
 HIST_BINS = 64  # staleness 0..63, then one bin for everything older
+STATS = 4 + HIST_BINS + 1 + 1  # Shard.stats(): figures, histogram, the server's bytes sent
 
 
 @dataclass
@@ -52,24 +54,28 @@ class Shard:
         self.staleness[min(tau, HIST_BINS)] += 1
         return tau
 
-    def stats(self) -> torch.Tensor:
-        """Staleness figures as one float64 vector (count, sum, max, max clock gap, histogram)."""
+    def stats(self, bytes_sent: int) -> torch.Tensor:
+        """Staleness figures as one float64 vector (count, sum, max, max clock gap, histogram),
+        then `bytes_sent`, the server rank's own counted bytes (exact in float64 below 2^53)."""
         hist = torch.tensor(self.staleness, dtype=torch.float64)
         count = hist.sum()
         total = (hist[:HIST_BINS] * torch.arange(HIST_BINS, dtype=torch.float64)).sum() + (
             hist[HIST_BINS] * HIST_BINS)
         seen = [i for i, c in enumerate(self.staleness) if c]
         return torch.cat([torch.tensor([count, total, max(seen, default=0), self.max_gap],
-                                       dtype=torch.float64), hist])
+                                       dtype=torch.float64), hist,
+                          torch.tensor([float(bytes_sent)], dtype=torch.float64)])
 
 
 def stats_dict(stats: torch.Tensor, clock_gap: bool) -> dict[str, Any]:
-    """Staleness in server versions (updates applied between a worker's pull and its push)."""
+    """Staleness in server versions (updates applied between a worker's pull and its push), and
+    the bytes the server ranks sent so far (their replies, which the workers' counts leave out)."""
     count = float(stats[0])
-    hist = [int(c) for c in stats[4:]]
+    hist = [int(c) for c in stats[4 : 4 + HIST_BINS + 1]]
     last = max((i for i, c in enumerate(hist) if c), default=-1)
     out = {"staleness_mean": float(stats[1]) / count if count else None,
-           "staleness_max": int(stats[2]), "staleness_histogram": hist[: last + 1]}
+           "staleness_max": int(stats[2]), "staleness_histogram": hist[: last + 1],
+           "server_bytes_sent": int(stats[-1])}
     if clock_gap:
         out["ssp_max_clock_gap"] = float(stats[3])
     return out
@@ -99,6 +105,9 @@ class ParameterServerAlgorithm(Algorithm):
     def metrics(self, ctx: WorkerContext, state: ClientState) -> dict[str, Any]:
         return state.figures
 
+    def server_state_dicts(self, ctx: WorkerContext, state: ClientState) -> list[Any]:
+        return state.client.server_states()
+
     # ----------------------------------------------------------- the server's decisions
     def server_init(self, shard: Shard, ctx: WorkerContext) -> Any:
         return None
@@ -114,7 +123,7 @@ class ParameterServerAlgorithm(Algorithm):
         raise NotImplementedError(f"{self.name} has no elastic exchange")
 
     # ---------------------------------------------------------------- the server loop
-    def serve(self, ctx: WorkerContext) -> dict[str, Any]:
+    def serve(self, ctx: WorkerContext, saved: Any = None) -> dict[str, Any]:
         bounds = shard_bounds(ctx.flat.numel, len(ctx.server_ranks))
         a, b = bounds[ctx.server_ranks.index(ctx.rank)]
         shard = Shard(ctx.flat.get()[a:b].clone(), a, max(0, min(b, ctx.flat.num_params) - a),
@@ -122,14 +131,24 @@ class ParameterServerAlgorithm(Algorithm):
                       clocks=dict.fromkeys(ctx.worker_ranks, 0.0))
         shard.rule = self.server_init(shard, ctx)
         comm = ctx.comm
-        comm.expose("ps", lambda: (self.server_evaluated(shard).clone(), shard.stats()))
+        if saved is not None:  # a resumed run: x̃, version, clocks, histogram, momentum, averages
+            checkpoint.restore(shard, saved["shard"])
+            comm.restore_counts(saved["bytes_by_verb"])  # (the simulator restores its own later)
+        comm.expose("ps", lambda: (self.server_evaluated(shard).clone(),
+                                   shard.stats(comm.bytes_sent)))
+        comm.expose("ps-checkpoint", lambda: _server_state(comm, shard))
         header = torch.empty(HEADER, dtype=torch.float64)
         while shard.live:
-            src = comm.recv(header, src=None)
-            kind, version, clock, count = (int(header[0]), int(header[1]), float(header[2]),
-                                           int(header[3]))
+            try:
+                src = comm.recv(header, src=None)
+            except PeerDied as e:  # --on-failure continue: stop waiting for the dead worker
+                self._drop(comm, shard, e.rank)
+                continue
+            kind, version, clock, count = self._check_header(header, shard, src, ctx.rank)
             if kind in (PUSH, PUSH_SPARSE):
                 update = self._receive_update(ctx, shard, src, kind, count)
+                if update is None:  # its sender died between header and payload
+                    continue
                 tau = shard.record_staleness(version)
                 self.apply(shard, update, tau, ctx)
                 shard.version += 1
@@ -138,8 +157,12 @@ class ParameterServerAlgorithm(Algorithm):
                 shard.deferred.append((src, clock))
             elif kind == ELASTIC:
                 x = torch.empty_like(shard.x)
-                comm.recv(x, src=src)
-                _reply(comm, src, shard, shard.x)
+                try:
+                    comm.recv(x, src=src)
+                    _reply(comm, src, shard, shard.x)
+                except PeerDied as e:
+                    self._drop(comm, shard, e.rank)
+                    continue
                 shard.record_staleness(version)
                 shard.x.add_(mixing.elastic_difference(x, shard.x, self.moving_rate(ctx.workers)))
                 shard.version += 1
@@ -148,23 +171,61 @@ class ParameterServerAlgorithm(Algorithm):
             elif kind == SNAPSHOT:
                 with comm.uncounted():
                     _reply(comm, src, shard, self.server_evaluated(shard))
-                    comm.send(shard.stats(), src)
+                    comm.send(shard.stats(comm.bytes_sent), src)
+            elif kind == CHECKPOINT:  # real processes: the workers are all at a checkpoint step
+                blob = checkpoint.to_bytes(_server_state(comm, shard))
+                with comm.uncounted():
+                    comm.send(torch.tensor([float(blob.numel())], dtype=torch.float64), src)
+                    comm.send(blob, src)
             else:
-                raise ValueError(f"server {ctx.rank} got a message of unknown kind {kind} "
-                                 f"from rank {src}")
+                raise ProtocolError(f"server rank {ctx.rank} rejected a header from rank {src}: "
+                                    f"unknown kind {kind}")
             self._answer_pulls(comm, shard)
-        return stats_dict(shard.stats(), self.bounded)
+        return stats_dict(shard.stats(comm.bytes_sent), self.bounded)
 
     def _receive_update(self, ctx: WorkerContext, shard: Shard, src: int, kind: int,
-                        count: int) -> torch.Tensor:
+                        count: int) -> torch.Tensor | None:
+        """The update announced by a header from `src`; None if `src` died meanwhile."""
+        payload = torch.empty_like(shard.x) if kind == PUSH else torch.empty(
+            2 * count, dtype=shard.x.dtype)
+        try:
+            ctx.comm.recv(payload, src=src)
+        except PeerDied as e:
+            self._drop(ctx.comm, shard, e.rank)
+            return None
         if kind == PUSH:
-            update = torch.empty_like(shard.x)
-            ctx.comm.recv(update, src=src)
-            return update
-        payload = torch.empty(2 * count, dtype=shard.x.dtype)
-        ctx.comm.recv(payload, src=src)
+            return payload
         values, indices = mixing.unpack_sparse(payload)
+        if count and not (0 <= int(indices.min()) and int(indices.max()) < shard.x.numel()):
+            raise ProtocolError(f"server {ctx.rank}: a sparse push from rank {src} has indices "
+                                f"outside its shard of {shard.x.numel()} elements")
         return mixing.densify(indices, values, shard.x.numel())
+
+    def _check_header(self, header: torch.Tensor, shard: Shard, src: int,
+                      rank: int) -> tuple[int, int, float, int]:
+        """(kind, version, clock, count), or ProtocolError naming the sender: the header is
+        all a worker controls, so it is checked before it sizes or indexes anything."""
+        kind, version, clock, count = header.tolist()
+        problem = ""
+        if not all(math.isfinite(v) and v == int(v) for v in (kind, version, count)):
+            problem = f"kind, version and count must be whole numbers, not {header.tolist()}"
+        elif not 0 <= version <= shard.version:
+            problem = f"version {int(version)} is outside 0..{shard.version} (this server's)"
+        elif not 0 <= count <= shard.x.numel():
+            problem = f"count {int(count)} is outside 0..{shard.x.numel()} (the shard's size)"
+        elif math.isnan(clock):
+            problem = "its clock is NaN"
+        if problem:
+            raise ProtocolError(f"server rank {rank} rejected a header from rank {src}: "
+                                f"{problem}")
+        return int(kind), int(version), clock, int(count)
+
+    def _drop(self, comm: Any, shard: Shard, worker: int) -> None:
+        """Forget a dead worker (--on-failure continue): the server stops waiting for it, and
+        SSP's bound (the lowest clock of the live workers) no longer counts it."""
+        shard.live.discard(worker)
+        shard.deferred = [(w, c) for w, c in shard.deferred if w != worker]
+        self._answer_pulls(comm, shard)
 
     def _answer_pulls(self, comm: Any, shard: Shard) -> None:
         """Answer the pulls whose staleness bound the slowest live worker now allows."""
@@ -174,10 +235,18 @@ class ParameterServerAlgorithm(Algorithm):
             if lowest >= needed:
                 shard.max_gap = max(shard.max_gap, shard.clocks[worker] - lowest
                                     if math.isfinite(lowest) else 0.0)
-                _reply(comm, worker, shard, shard.x)
+                try:
+                    _reply(comm, worker, shard, shard.x)
+                except PeerDied:  # it died waiting; the next loop forgets it
+                    shard.live.discard(worker)
             else:
                 waiting.append((worker, needed))
         shard.deferred = waiting
+
+
+def _server_state(comm: Any, shard: Shard) -> dict[str, Any]:
+    """What a checkpoint keeps of a server: its shard and bookkeeping, and its byte counts."""
+    return {"shard": checkpoint.capture(shard), "bytes_by_verb": comm.bytes_by_verb}
 
 
 def _reply(comm: Any, dst: int, shard: Shard, x: torch.Tensor) -> None:
@@ -248,6 +317,29 @@ class PSClient:
         for i in range(len(self.bounds)):
             self._header(i, DONE)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"versions": list(self.versions), "min_clock": self.min_clock}
+
+    def restore_checkpoint_state(self, saved: dict[str, Any]) -> None:
+        self.versions, self.min_clock = list(saved["versions"]), saved["min_clock"]
+
+    def server_states(self) -> list[Any]:
+        """Every server's state, outside the byte counts: read in place in the simulator, asked
+        for by message on real processes (where every worker is at the checkpoint barrier)."""
+        comm, states = self.ctx.comm, []
+        for rank in self.ctx.server_ranks:
+            seen = comm.observe(rank, "ps-checkpoint")
+            if seen is None:
+                with comm.uncounted():
+                    comm.send(torch.tensor([CHECKPOINT, 0, 0, 0], dtype=torch.float64), rank)
+                    size = torch.empty(1, dtype=torch.float64)
+                    comm.recv(size, src=rank)
+                    blob = torch.empty(int(size), dtype=torch.uint8)
+                    comm.recv(blob, src=rank)
+                seen = checkpoint.from_bytes(blob)
+            states.append(seen)
+        return states
+
     def snapshot(self) -> tuple[torch.Tensor, dict[str, Any]]:
         """The server's evaluated model and staleness figures, outside the byte counts.
 
@@ -263,12 +355,12 @@ class PSClient:
                     self._header(i, SNAPSHOT)
                     reply = torch.empty(b - a + self.slots, dtype=self.ctx.flat.dtype)
                     comm.recv(reply, src=self.ctx.server_ranks[i])
-                    figures = torch.empty(4 + HIST_BINS + 1, dtype=torch.float64)
+                    figures = torch.empty(STATS, dtype=torch.float64)
                     comm.recv(figures, src=self.ctx.server_ranks[i])
                 seen = (reply[: b - a], figures)
             parts.append(seen[0])
             stats.append(seen[1])
-        total = torch.stack(stats).sum(0)
+        total = torch.stack(stats).sum(0)  # counts, histograms and server bytes add up
         total[2] = max(float(s[2]) for s in stats)
         total[3] = max(float(s[3]) for s in stats)
         algorithm = self.algorithm
@@ -310,7 +402,8 @@ def merge_figures(figures: list[dict[str, Any]]) -> dict[str, Any]:
     total = sum((f["staleness_mean"] or 0.0) * sum(f["staleness_histogram"]) for f in figures)
     merged = {"staleness_mean": total / count if count else None,
               "staleness_max": max(f["staleness_max"] for f in figures),
-              "staleness_histogram": hist}
+              "staleness_histogram": hist,
+              "server_bytes_sent": sum(f["server_bytes_sent"] for f in figures)}
     if "ssp_max_clock_gap" in figures[0]:
         merged["ssp_max_clock_gap"] = max(f["ssp_max_clock_gap"] for f in figures)
     return merged

@@ -9,7 +9,7 @@ import torch
 from distsgd import mixing, topology
 from distsgd.algorithms import register
 from distsgd.algorithms.base import Algorithm, WorkerContext, hyperparameter
-from distsgd.errors import UsageError
+from distsgd.errors import PeerDied, UsageError
 
 
 @dataclass
@@ -27,6 +27,11 @@ class SGP(Algorithm):
     Each step: the optimizer's update, taken at z = x / w, is applied to x; then x and w are split
     into k + 1 equal parts, k sent to this step's out-peers and one kept, and what arrives is added.
     On this regular graph w stays 1, but it is carried exactly so that other graphs stay unbiased.
+
+    With ``--on-failure continue``, a worker keeps the share it would have sent to a dead out-peer
+    and stops waiting for a dead in-peer. So no mass flows into the dead worker after its death
+    is known: the survivors' Σw (and Σx) is the total minus exactly what the dead worker held
+    and what was sent to it before then, and x/w stays a weighted average over the survivors.
     """
 
     name = "sgp"
@@ -60,12 +65,19 @@ class SGP(Algorithm):
         in_peers = topology.exponential_in_peers(me, ctx.step, n, self.peers)
         share, w_share = mixing.push_sum_share(state.x, state.w, len(out_peers) + 1)
         message = torch.cat([share, mixing.pack_weight(w_share, share.dtype)])
+        kept = 1  # shares this worker keeps: its own, and those of dead out-peers
         for peer in out_peers:
-            ctx.comm.send(message, ctx.worker_ranks[peer])
-        state.x, state.w = share, w_share
+            try:
+                ctx.comm.send(message, ctx.worker_ranks[peer])
+            except PeerDied:  # --on-failure continue: no mass is sent into a dead worker
+                kept += 1
+        state.x, state.w = share.mul_(kept), w_share * kept
         slots = mixing.weight_slots(share.dtype)
         inbox = torch.empty_like(message)
         for peer in in_peers:
-            ctx.comm.recv(inbox, src=ctx.worker_ranks[peer])
+            try:
+                ctx.comm.recv(inbox, src=ctx.worker_ranks[peer])
+            except PeerDied:  # a dead in-peer sends nothing more; its mass is gone
+                continue
             state.x.add_(inbox[:-slots])
             state.w += mixing.unpack_weight(inbox[-slots:])

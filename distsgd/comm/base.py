@@ -100,6 +100,8 @@ class Comm(Protocol):
 
     def uncounted(self) -> contextlib.AbstractContextManager[None]: ...
 
+    def restore_counts(self, by_verb: dict[str, int]) -> None: ...
+
 
 class ByteCounter:
     """Bytes sent by one rank, per verb; shared by both backends so they count alike."""
@@ -140,6 +142,10 @@ class Counted:
 
     def uncounted(self) -> contextlib.AbstractContextManager[None]:
         return self._counter.paused()
+
+    def restore_counts(self, by_verb: dict[str, int]) -> None:
+        """Continue counting from a checkpoint's figures (a resumed run)."""
+        self._counter.by_verb = dict(by_verb)
 
 
 def nbytes(tensor: torch.Tensor) -> int:

@@ -29,6 +29,10 @@ the receiver's NIC is still busy with earlier messages, b / bandwidth after that
 order holds, a worker that pushes to many peers pays for its egress, and a parameter server that
 many workers push to pays for its ingress. Collectives cost what a ring all-reduce (or a
 binomial-tree broadcast) costs under the same model, and they synchronise the group's clocks.
+With `NetworkModel.rendezvous`, a message between machines moves as gloo's point-to-point does
+under TorchComm: its payload leaves only once its header has crossed, the receiver has taken the
+messages before it (one at a time) and a "ready" has crossed back, each small control message
+waiting behind the queue of its machine's NIC (benchmarks/p2p_costs.py measures all three).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import contextlib
 import math
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -74,19 +78,90 @@ class NetworkModel:
     # Fixed cost of handing one message or collective to the transport (framing, syscalls).
     overhead: float = 0.0
 
+    # Machines (docs/multi-machine.md): `hosts[r]` is rank r's machine (ranks past the end each
+    # have their own). With `host_link`, a message between two machines also crosses both
+    # machines' NICs, each shared by all the ranks of its machine, as on torchrun nodes: the
+    # per-rank link (latency, bandwidth, `links`) is then the path inside a machine.
+    hosts: tuple[int, ...] = ()
+    host_link: Link | None = None
+    # Point-to-point as a rendezvous (gloo, hence TorchComm; measured in benchmarks/p2p_costs.py):
+    # a message's payload leaves only after its header has reached the receiver, the receiver's
+    # one mailbox thread has finished the payload before it and posted the receive, and that
+    # "ready" has come back. Between machines each of those control messages queues behind the
+    # backlog of its machine's NIC, at most `host_queue` seconds of it (the shaper's queue: tbf
+    # `latency 50ms` in distsgd.netns; beyond it TCP holds data back in the sender's socket).
+    # Off by default: only messages between machines (`host_link`) are affected.
+    rendezvous: bool = False
+    host_queue: float = 0.05
+
     def link(self, src: int, dst: int) -> Link:
         return self.links.get((src, dst)) or Link(self.latency, self.bandwidth)
 
-    def allreduce_time(self, size: int, n: int) -> float:
-        # Ring all-reduce: 2(n-1) rounds, each moving size/n bytes over one link.
-        if n <= 1:
-            return 0.0
-        return self.overhead + 2 * (n - 1) * (self.latency + size / n / self.bandwidth)
+    def host(self, rank: int) -> int:
+        return self.hosts[rank] if rank < len(self.hosts) else -1 - rank
 
-    def broadcast_time(self, size: int, n: int) -> float:
+    def crosses(self, src: int, dst: int) -> bool:
+        """Whether a message from `src` to `dst` leaves its machine (over `host_link`)."""
+        return self.host_link is not None and self.host(src) != self.host(dst)
+
+    def allreduce_time(self, size: int, n: int, ranks: tuple[int, ...] = ()) -> float:
+        # Ring all-reduce (gloo's): 2(n-1) rounds, each moving size/n bytes over every hop of the
+        # ring at once, so a round lasts as long as the slowest hop.
         if n <= 1:
             return 0.0
-        return self.overhead + math.ceil(math.log2(n)) * (self.latency + size / self.bandwidth)
+        latency, bandwidth = self._slowest_hop(ranks)
+        return self.overhead + 2 * (n - 1) * (latency + size / n / bandwidth)
+
+    def broadcast_time(self, size: int, n: int, ranks: tuple[int, ...] = ()) -> float:
+        if n <= 1:
+            return 0.0
+        latency, bandwidth = self._slowest_hop(ranks)
+        return self.overhead + math.ceil(math.log2(n)) * (latency + size / bandwidth)
+
+    def _slowest_hop(self, ranks: tuple[int, ...]) -> tuple[float, float]:
+        """(latency, bandwidth) of the slowest hop of a ring over `ranks`, in order: a machine's
+        NIC is shared by the ring's hops that leave it."""
+        hops = list(zip(ranks, ranks[1:] + ranks[:1], strict=True))
+        leaving: dict[int, int] = {}
+        for a, b in hops:
+            if self.crosses(a, b):
+                leaving[self.host(a)] = leaving.get(self.host(a), 0) + 1
+        if not leaving or self.host_link is None:
+            return self.latency, self.bandwidth
+        shared = self.host_link.bandwidth / max(leaving.values())
+        return self.latency + self.host_link.latency, min(self.bandwidth, shared)
+
+
+class _HostNics:
+    """When each machine's NIC is free to send, and to receive, the next inter-machine message."""
+
+    def __init__(self, network: NetworkModel) -> None:
+        self.network = network
+        self.egress: dict[int, float] = {}
+        self.ingress: dict[int, float] = {}
+
+    def ready(self, src: int, dst: int, start: float, mailbox_free: float) -> float:
+        """When the payload of a message whose header the sending rank hands over at `start` may
+        leave (`NetworkModel.rendezvous`): the header crosses, the receiving rank's mailbox is
+        free at `mailbox_free`, its "ready" crosses back, each behind its NIC's queue."""
+        link, queue = self.network.host_link, self.network.host_queue
+        assert link is not None
+        out, into = self.network.host(src), self.network.host(dst)
+        header = max(start, min(self.egress.get(out, 0.0), start + queue)) + link.latency
+        posted = max(header, mailbox_free)
+        return max(posted, min(self.egress.get(into, 0.0), posted + queue)) + link.latency
+
+    def cross(self, src: int, dst: int, size: int, start: float) -> tuple[float, float]:
+        """(when the sender's machine has sent it, when the receiver's machine has it) for a
+        message of `size` bytes that the sending rank hands over at `start`."""
+        link = self.network.host_link
+        assert link is not None
+        out, into = self.network.host(src), self.network.host(dst)
+        sent = max(start, self.egress.get(out, 0.0)) + size / link.bandwidth
+        self.egress[out] = sent
+        received = max(sent + link.latency, self.ingress.get(into, 0.0) + size / link.bandwidth)
+        self.ingress[into] = received
+        return sent, received
 
 
 # The key of a worker that cannot act: after every real key (clock, rank), even an infinite clock.
@@ -172,8 +247,11 @@ class SimWorld:
         self._aborting = False
         self._started = False
         self._seq = 0
+        self._host_nics = _HostNics(self.network)
         self._pending: dict[tuple[tuple[int, ...], int], _Collective] = {}
         self._coll_count: dict[tuple[int, tuple[int, ...]], int] = {}
+        self._hold: tuple[Callable[[], None], frozenset[int]] | None = None  # see `hold`
+        self._hold_ran = False
         self.comms = [SimComm(self, r) for r in range(world_size)]
 
     # ----------------------------------------------------------------- driving the run
@@ -240,7 +318,12 @@ class SimWorld:
         if self._aborting:  # the run is over already: nobody takes the baton any more
             return
         # A failure ends the run; otherwise the baton goes on (or the run ends if nobody can act).
-        self._wake(None if w.state == "failed" else self._next())
+        if w.state != "failed":
+            try:
+                successor = self._successor()
+            except BaseException as e:  # a hold's action failed in this finishing thread
+                w.error, w.state, successor = e, "failed", None
+        self._wake(None if w.state == "failed" else successor)
 
     def _key(self, w: _Worker) -> tuple[float, int]:
         """When `w` could act next, as (virtual time, rank); `_IDLE` when it cannot act."""
@@ -260,6 +343,24 @@ class SimWorld:
         key = min(self._keys)  # keys are distinct (one rank each): ties cannot arise
         return None if key is _IDLE else self._workers[key[1]]
 
+    def _successor(self) -> _Worker | None:
+        """`_next`, but when nobody can act and workers are held, run the hold's action first
+        and let the held workers go on (see `hold`)."""
+        nxt = self._next()
+        if nxt is None and self._hold is not None:
+            (action, quorum), self._hold = self._hold, None
+            # Every rank of the quorum parked: quiescent. Otherwise one of them is blocked
+            # waiting for a held one (SSP's bound): let them all go on, the caller retries.
+            self._hold_ran = all(self._workers[r].state == "held" for r in quorum)
+            if self._hold_ran:
+                action()
+            for o in self._workers:
+                if o.state == "held":
+                    o.state = "ready"
+                    self._rekey(o)
+            nxt = self._next()
+        return nxt
+
     def _wake(self, w: _Worker | None) -> None:
         """Give the baton to `w`, or tell `run` that the run is over (`w` None)."""
         lock = self._over if w is None else w.go
@@ -273,7 +374,7 @@ class SimWorld:
         """Wake every unfinished worker with `_aborting` set, so that each unwinds."""
         self._aborting = True
         for w in self._workers:
-            if w.state in ("ready", "recv", "collective"):
+            if w.state in ("ready", "recv", "collective", "held"):
                 # Each such worker's lock is held (it is parked, or has not started) unless
                 # the main thread was interrupted while a hand-off was under way.
                 with contextlib.suppress(RuntimeError):
@@ -288,7 +389,7 @@ class SimWorld:
         """
         if self._aborting:  # a verb called while unwinding (a `finally` in user code)
             raise _Aborted()
-        self._wake(self._next())
+        self._wake(self._successor())
         w.go.acquire()
         if self._aborting:
             raise _Aborted()
@@ -296,6 +397,45 @@ class SimWorld:
     def _is_next(self, w: _Worker) -> bool:
         """True when no other worker could act before `w` (whose key must be current)."""
         return min(self._keys)[1] == w.rank
+
+    def hold(self, rank: int, action: Callable[[], None], quorum: Collection[int]) -> bool:
+        """Park `rank` outside virtual time until no worker of the world can act any more (every
+        other one is held, done, or waiting for a message that nobody will send). Then, if every
+        rank of `quorum` is held, `action` runs once, in whichever thread finds the world quiet;
+        either way every held worker goes on. Returns whether `action` ran.
+
+        A quiescent point for checkpoints: nothing moves while `action` reads or restores the
+        state of every rank. Holding takes no virtual time; it can change the order in which
+        workers act only where another worker would have acted at a later virtual time first.
+        """
+        w = self._workers[rank]
+        w.state, self._keys[rank], self._hold = "held", _IDLE, (action, frozenset(quorum))
+        while w.state == "held":
+            self._yield(w)
+        return self._hold_ran
+
+    def state_dict(self) -> dict[str, Any]:
+        """Clocks, NICs, byte counters and messages in flight of every rank (at a hold)."""
+        if self._pending:
+            raise RuntimeError("a collective is under way: the world is not quiescent")
+        nics = self._host_nics
+        return {"seq": self._seq, "host_nics": (dict(nics.egress), dict(nics.ingress)),
+                "ranks": [{
+            "clock": w.clock, "nic_free": w.nic_free, "ingress_free": w.ingress_free,
+            "bytes_by_verb": dict(w.counter.by_verb),
+            "inbox": [(m.arrival, m.seq, m.src, m.payload.clone()) for m in w.inbox],
+        } for w in self._workers]}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved (at a hold of a world that has run up to there)."""
+        self._seq = saved["seq"]
+        egress, ingress = saved["host_nics"]
+        self._host_nics.egress, self._host_nics.ingress = dict(egress), dict(ingress)
+        for w, s in zip(self._workers, saved["ranks"], strict=True):
+            w.clock, w.nic_free, w.ingress_free = s["clock"], s["nic_free"], s["ingress_free"]
+            w.counter.by_verb = dict(s["bytes_by_verb"])
+            w.inbox = [_Message(a, seq, src, p.clone()) for a, seq, src, p in s["inbox"]]
+            self._rekey(w)
 
     def clocks(self) -> list[float]:
         return [w.clock for w in self._workers]
@@ -311,6 +451,12 @@ class SimWorld:
         start = max(sender.clock + self.network.overhead, sender.nic_free)
         sender.nic_free = start + size / link.bandwidth
         arrival = max(sender.nic_free + link.latency, receiver.ingress_free + size / link.bandwidth)
+        if self.network.crosses(src, dst):  # then through both machines' shared NICs
+            if self.network.rendezvous:
+                start = self._host_nics.ready(src, dst, start, receiver.ingress_free)
+            sent, arrival = self._host_nics.cross(src, dst, size, start)
+            sender.nic_free = sent
+            arrival = max(arrival, receiver.ingress_free + size / link.bandwidth)
         receiver.ingress_free = arrival
         self._seq += 1
         receiver.inbox.append(_Message(arrival, self._seq, src, payload))
@@ -394,7 +540,7 @@ class SimWorld:
                 total.add_(t)
             for t in tensors:
                 t.copy_(total)
-            cost = self.network.allreduce_time(size, n)
+            cost = self.network.allreduce_time(size, n, c.group)
             for r in c.group:
                 self._workers[r].counter.add("all_reduce", ring_allreduce_bytes(size, n))
         elif c.verb == "broadcast":
@@ -403,12 +549,12 @@ class SimWorld:
             for t in tensors:
                 if t is not root:
                     t.copy_(root)
-            cost = self.network.broadcast_time(size, n)
+            cost = self.network.broadcast_time(size, n, c.group)
             pos = {r: (i - c.group.index(c.src)) % n for i, r in enumerate(c.group)}
             for r in c.group:
                 self._workers[r].counter.add("broadcast", size * tree_broadcast_children(pos[r], n))
         else:  # barrier
-            cost = self.network.allreduce_time(0, n)
+            cost = self.network.allreduce_time(0, n, c.group)
         end = max(c.clocks.values()) + cost
         for r in c.group:
             o = self._workers[r]
@@ -443,6 +589,11 @@ class SimComm(Counted):
     @property
     def world_size(self) -> int:
         return self._world.world_size
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        """The machine of each rank (`NetworkModel.hosts`; otherwise each rank is a machine)."""
+        return tuple(self._world.network.host(r) for r in range(self.world_size))
 
 
     def _check_peer(self, peer: int, what: str) -> None:

@@ -1,0 +1,384 @@
+"""Every algorithm on a bandwidth-shaped network: 2 hosts × 2 processes, torchrun, tc tbf.
+
+Two network namespaces joined by a veth pair (`distsgd.netns`) play two machines whose link is
+shaped by a token-bucket filter to each rate of ``--rates``. On each rate ONE torchrun job
+(2 processes per host, c10d rendezvous on host 0) runs every algorithm in turn, then PyTorch
+DistributedDataParallel, all on the same model (a wide MLP, communication-bound by design), the
+same number of samples and the same batches. One job per rate keeps process start-up (half a
+minute here) out of the budget; algorithms run one after another on fresh communicators.
+
+Per algorithm it prints wall time per 1,000 samples (from a barrier to the last rank's last step),
+bytes sent per worker (the Comm layer's counts; DDP's are the ring all-reduce's), the final test
+accuracy of the evaluated model, and ratios to `allreduce` and to DDP. Then the simulator's
+prediction for the same set-up (`benchmarks.calibrate`) next to each measurement.
+
+    .venv/bin/python -m benchmarks.network                     # 100 Mbit/s and 1 Gbit/s
+    .venv/bin/python -m benchmarks.network --rates 100 --algorithms allreduce,sgp
+    .venv/bin/python -m benchmarks.network --json results.json # keep the figures
+
+Needs root (network namespaces). It prints figures and never fails on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distsgd import algorithms, data, netns
+from distsgd.comm.base import Comm
+from distsgd.errors import UsageError
+from distsgd.optimizer import DistributedOptimizer, serve, split_roles
+
+# Hierarchical crossover with one group per machine, next to the flat one.
+DEFAULT_ALGORITHMS = ("allreduce,sgp,crossover,crossover:groups=-1,local-sgd,easgd,gosgd,"
+                      "downpour,ssp,easgd-async,eamsgd,async-sparse")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One benchmark configuration (the same for every algorithm and for the simulator)."""
+
+    width: int = 512  # hidden units of the MLP: 64·W + W² + 10·W parameters
+    dataset: str = "digits"
+    samples: int = 6400  # per algorithm, all workers together
+    batch_size: int = 32
+    momentum: float = 0.9
+    seed: int = 0
+    timeout: float = 300.0  # seconds any one communication may wait
+    repeats: int = 2  # every algorithm (and DDP) runs this often, alternating; medians reported
+
+
+def wide_mlp(width: int, input_shape: tuple[int, ...], classes: int) -> nn.Module:
+    """models.py's `mlp`, wider: communication-bound at 100 Mbit/s–1 Gbit/s."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(),
+                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes))
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'name' or 'name:key=value,...' (hyperparameters as `--set` takes them)."""
+    name, _, rest = spec.partition(":")
+    items = [item.split("=", 1) for item in rest.split(";") if item]
+    if any(len(item) != 2 for item in items):
+        raise UsageError(f"--algorithms: {spec!r} is not name or name:key=value;key=value")
+    settings = {key: value for key, value in items}
+    algorithms.create(name, settings)  # raises UsageError naming the problem
+    return name, settings
+
+
+def steps_for(setup: Setup, workers: int) -> int:
+    return math.ceil(setup.samples / (workers * setup.batch_size))
+
+
+# ------------------------------------------------------------------------ one algorithm
+def run_algorithm(comm: Comm, setup: Setup, spec: str, dataset: data.Dataset,
+                  charge: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """This rank's part of one algorithm's run; the same code in the simulator and for real.
+
+    `charge`: the seconds to charge per step with `comm.elapse` (the simulator): the forward/
+    backward pass, then the local work of the optimizer step (the algorithm's tensor math, the
+    Comm layer's copies), then (optional) the rest of the loop (the next batch: `_outside`);
+    None charges what was measured (a no-op on real processes). The local
+    work is measured as this thread's CPU time inside `opt.step` (waiting for the network costs
+    none), scaled by how much slower than its CPU time the forward/backward pass ran: on a
+    shared machine the work waits for a core too. A worker's loop is timed from its
+    first step (after the initial broadcast) to its last, in real and in virtual time; the
+    evaluated model is then gathered (untimed, uncounted). Servers report their bytes only.
+    """
+    name, settings = parse_spec(spec)
+    algorithm = algorithms.create(name, settings)
+    servers, workers = split_roles(algorithm, comm.world_size)
+    lr = algorithm.default_lr()
+    torch.manual_seed(setup.seed)
+    model = wide_mlp(setup.width, dataset.input_shape, dataset.num_classes)
+    out: dict[str, Any] = {"rank": comm.rank, "spec": spec, "workers": len(workers)}
+    if comm.rank in servers:
+        serve(model, algorithm, lr=lr, comm=comm, seed=setup.seed)
+        return {**out, "role": "server", "bytes": comm.bytes_sent}
+    index = workers.index(comm.rank)
+    momentum = setup.momentum if algorithm.local_momentum() else 0.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    opt = DistributedOptimizer(model, optimizer, algorithm, comm=comm, seed=setup.seed)
+    batches = data.batches(dataset, index, len(workers), setup.batch_size, setup.seed, "shard")
+    steps = steps_for(setup, len(workers))
+    compute = compute_cpu = local_cpu = in_step = 0.0
+    started, virtual = time.perf_counter(), comm.now()  # after the initial broadcast
+    for _ in range(steps):
+        x, y = next(batches)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        F.cross_entropy(model(x), y).backward()
+        spent = time.perf_counter() - t0
+        compute, compute_cpu = compute + spent, compute_cpu + time.thread_time() - c0
+        comm.elapse(spent if charge is None else charge[0] + sum(charge[2:]))
+        c1, t1 = time.thread_time(), time.perf_counter()
+        opt.step()
+        opt.zero_grad()
+        local_cpu += time.thread_time() - c1
+        in_step += time.perf_counter() - t1
+        comm.elapse(0.0 if charge is None else charge[1])
+    # CPU time in opt.step, stretched as much as the forward/backward passes were (whole run).
+    local = local_cpu * max(compute / max(compute_cpu, 1e-9), 1.0)
+    seconds, clock, sent = time.perf_counter() - started, comm.now(), comm.bytes_sent
+    if clock is not None and virtual is not None:
+        clock -= virtual
+    evaluated = opt.consensus_model()  # collective over the workers, outside the counts
+    opt.finish()
+    accuracy = data.evaluate(evaluated, dataset)[0] if index == 0 else None
+    return {**out, "role": "worker", "seconds": seconds, "clock": clock, "bytes": sent,
+            "steps": steps, "compute_per_step": compute / steps, "local_per_step": local / steps,
+            "opt_step_wall": in_step / steps,
+            "accuracy": accuracy}
+
+
+def run_ddp(setup: Setup, dataset: data.Dataset) -> dict[str, Any]:
+    """This rank's DDP run: the same model, batches and SGD as `allreduce` (lr 0.05)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(setup.seed)
+    model = DistributedDataParallel(wide_mlp(setup.width, dataset.input_shape,
+                                             dataset.num_classes))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=setup.momentum)
+    batches = data.batches(dataset, rank, world, setup.batch_size, setup.seed, "shard")
+    steps = steps_for(setup, world)
+    dist.barrier()
+    started = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(batches)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    seconds = time.perf_counter() - started
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    accuracy = data.evaluate(model.module, dataset)[0] if rank == 0 else None
+    # gloo's ring all-reduce: each rank sends 2(n-1)/n of the gradients per step.
+    return {"rank": rank, "spec": "ddp", "workers": world, "role": "worker",
+            "seconds": seconds, "bytes": int(steps * 2 * (world - 1) / world * size),
+            "steps": steps, "accuracy": accuracy}
+
+
+# ------------------------------------------------------------------- link probes
+def probe(comm: Comm, pairs: list[tuple[int, int]], sizes: list[int], rounds: int = 8,
+          gap: float = 0.02) -> dict[str, float]:
+    """Round trips through the Comm layer: `a` sends `size` bytes to `b`, `b` answers 8 bytes.
+
+    One pair at a time, `gap` seconds of idleness before each round (as compute leaves the link
+    between steps; TCP restarts slowly after idle). Returns the median round trip per
+    "a-b-size"; every rank calls it.
+    """
+    import torch.distributed as dist
+
+    out: dict[str, float] = {}
+    reply = torch.zeros(2, dtype=torch.float32)
+    for a, b in pairs:
+        for size in sizes:
+            message, times = torch.zeros(size // 4), []
+            for i in range(rounds + 2):  # the first two warm the connection up
+                dist.barrier()
+                time.sleep(gap)
+                t0 = time.perf_counter()
+                if comm.rank == a:
+                    comm.send(message, b)
+                    comm.recv(reply, src=b)
+                elif comm.rank == b:
+                    comm.recv(message, src=a)
+                    comm.send(reply, a)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+            out[f"{a}-{b}-{size}"] = statistics.median(times)
+    for size in sizes:  # gloo's all-reduce over every rank, through the Comm layer
+        message, times = torch.zeros(size // 4), []
+        for i in range(rounds + 2):
+            dist.barrier()
+            time.sleep(gap)
+            t0 = time.perf_counter()
+            comm.all_reduce_(message)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        out[f"allreduce-{size}"] = statistics.median(times)
+    return out
+
+
+# ----------------------------------------------------------------- under torchrun
+def worker_main(setup: Setup, specs: list[str], out: Path) -> None:
+    """One torchrun process: every algorithm in turn, then DDP; rank 0 writes the records."""
+    import torch.distributed as dist
+
+    from distsgd import launch
+    from distsgd.comm.torch import TorchComm
+
+    torch.set_num_threads(1)
+    dataset = data.load(setup.dataset)
+    first = launch.from_torchrun_env(timeout=setup.timeout)
+    assert first is not None, "run under torchrun"
+    nodes, records = first.nodes, []
+    # Probes: inside machine 0 (ranks 0, 1) and across (a rank of each), small and model-sized.
+    cross = next(r for r in range(len(nodes)) if nodes[r] != nodes[0])
+    model_bytes = 4 * sum(p.numel() for p in wide_mlp(setup.width, dataset.input_shape,
+                                                      dataset.num_classes).parameters())
+    with first.uncounted():
+        probes = probe(first, [(0, 1), (0, cross)], [4096, model_bytes])
+    for repeat in range(setup.repeats):
+        for i, spec in enumerate(specs):
+            comm = first if i == 0 and repeat == 0 else TorchComm(setup.timeout)
+            comm.nodes = nodes
+            dist.barrier()
+            record = run_algorithm(comm, setup, spec, dataset)
+            comm.close()
+            records.append({**record, "node": nodes[comm.rank], "repeat": repeat})
+        records.append({**run_ddp(setup, dataset), "node": nodes[dist.get_rank()],
+                        "repeat": repeat})
+    if dist.get_rank() == 0:
+        records.append({"spec": "probe", "role": "probe", "rank": 0, "cross": cross,
+                        "model_bytes": model_bytes, **probes})
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, records)
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps([r for rank in everyone for r in rank]))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(setup: Setup, specs: list[str], rate_bits: float) -> list[dict[str, Any]]:
+    """Every algorithm and DDP on 2 hosts whose link is shaped to `rate_bits`; the records."""
+    with tempfile.TemporaryDirectory(prefix="distsgd-network-") as folder, \
+            netns.Hosts(2, rate=rate_bits) as hosts:
+        out = Path(folder, "records.json")
+        args = ["--worker", json.dumps(asdict(setup)), "--algorithms", ",".join(specs),
+                "--out", str(out)]
+        done = netns.torchrun(hosts, args, 2, timeout=3000.0, module="benchmarks.network",
+                              env={"OMP_NUM_THREADS": "1"})
+        for i, d in enumerate(done):
+            if d.returncode != 0:
+                raise RuntimeError(f"host {i}: torchrun failed:\n{d.stdout[-3000:]}")
+        records: list[dict[str, Any]] = json.loads(out.read_text())
+        return records
+
+
+# ------------------------------------------------------------------------ reporting
+def summarize(records: list[dict[str, Any]], setup: Setup) -> dict[str, dict[str, Any]]:
+    """Per algorithm: wall s per 1,000 samples (median over repeats, and each), mean bytes per
+    worker, accuracy (of the first repeat), per-rank compute per step (median), placement."""
+    rows: dict[str, dict[str, Any]] = {}
+    for spec in dict.fromkeys(r["spec"] for r in records if r["role"] != "probe"):
+        mine = [r for r in records if r["spec"] == spec]
+        workers = [r for r in mine if r["role"] == "worker"]
+        repeats = sorted({r.get("repeat", 0) for r in workers})
+        first = [r for r in workers if r.get("repeat", 0) == repeats[0]]
+        samples = first[0]["steps"] * len(first) * setup.batch_size
+        walls = [max(r["seconds"] for r in workers if r.get("repeat", 0) == k) for k in repeats]
+        compute = {r["rank"]: [statistics.median(x[key] for x in workers if x["rank"] == r["rank"])
+                               for key in ("compute_per_step", "local_per_step")]
+                   + [statistics.median(_outside(x) for x in workers if x["rank"] == r["rank"])]
+                   for r in first if r.get("compute_per_step") is not None}
+        rows[spec] = {
+            "s_per_1000": statistics.median(walls) / samples * 1000,
+            "each_s_per_1000": [w / samples * 1000 for w in walls], "samples": samples,
+            "bytes_per_worker": statistics.mean(r["bytes"] for r in first),
+            "accuracy": next(r["accuracy"] for r in first if r["accuracy"] is not None),
+            "compute_per_step": compute,
+            "nodes": {r["rank"]: r["node"] for r in mine if r.get("repeat", 0) == repeats[0]},
+        }
+    return rows
+
+
+def _outside(record: dict[str, Any]) -> float:
+    """Seconds per step of the loop outside the forward/backward pass and `opt.step`: the next
+    batch, the timers (wall time; 0 for records without `opt_step_wall`)."""
+    if record.get("opt_step_wall") is None:
+        return 0.0
+    return max(0.0, record["seconds"] / record["steps"] - record["compute_per_step"]
+               - record["opt_step_wall"])
+
+
+def probes(records: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(r for r in records if r["role"] == "probe")
+
+
+def print_table(rows: dict[str, dict[str, Any]], rate_bits: float) -> None:
+    base, ddp = rows.get("allreduce"), rows.get("ddp")
+    print(f"\n## link {rate_bits / 1e6:g} Mbit/s (tc tbf), 2 hosts × 2 processes\n")
+    print("| algorithm | s / 1k samples (each run) | MB sent / worker | accuracy | × allreduce "
+          "| × DDP |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for spec, row in rows.items():
+        vs_base = row["s_per_1000"] / base["s_per_1000"] if base else math.nan
+        vs_ddp = row["s_per_1000"] / ddp["s_per_1000"] if ddp else math.nan
+        each = ", ".join(f"{x:.2f}" for x in row["each_s_per_1000"])
+        print(f"| {spec} | {row['s_per_1000']:.3f} ({each}) | "
+              f"{row['bytes_per_worker'] / 1e6:.2f} | {row['accuracy']:.3f} | {vs_base:.2f} | "
+              f"{vs_ddp:.2f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rates", default="100,1000", help="link rates in Mbit/s, comma-separated")
+    p.add_argument("--algorithms", default=DEFAULT_ALGORITHMS,
+                   help="comma-separated; name or name:key=value;key=value")
+    p.add_argument("--width", type=int, default=Setup.width)
+    p.add_argument("--samples", type=int, default=Setup.samples)
+    p.add_argument("--batch-size", type=int, default=Setup.batch_size)
+    p.add_argument("--repeats", type=int, default=Setup.repeats)
+    p.add_argument("--no-calibrate", action="store_true", help="skip the simulator's prediction")
+    p.add_argument("--json", help="write every record and summary to this file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # set by the driver, under torchrun
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    specs = [s for s in args.algorithms.split(",") if s]
+    if args.worker is not None:
+        worker_main(Setup(**json.loads(args.worker)), specs, Path(args.out))
+        return
+    try:
+        for spec in specs:
+            parse_spec(spec)
+        for rate in args.rates.split(","):
+            if not float(rate) > 0:
+                raise ValueError(rate)
+    except UsageError as e:
+        p.error(str(e))  # exit status 2
+    except ValueError:
+        p.error(f"--rates {args.rates!r}: give positive numbers of Mbit/s, e.g. 100,1000")
+    reason = netns.unavailable()
+    if reason is not None:
+        sys.exit(f"benchmarks.network: cannot create network namespaces: {reason}")
+    setup = Setup(width=args.width, samples=args.samples, batch_size=args.batch_size,
+                  repeats=args.repeats)
+    params = sum(p.numel() for p in wide_mlp(setup.width, (8, 8), 10).parameters())
+    print(f"wide MLP width {setup.width} ({params:,} parameters, {params * 4 / 1e6:.2f} MB), "
+          f"{setup.dataset}, {setup.samples} samples per algorithm, batch {setup.batch_size}, "
+          f"{os.cpu_count()} CPU cores shared by the 4 processes")
+    results = []
+    for mbit in (float(r) for r in args.rates.split(",")):
+        started = time.perf_counter()
+        records = measure(setup, specs, mbit * 1e6)
+        rows = summarize(records, setup)
+        print_table(rows, mbit * 1e6)
+        print(f"(measured in {time.perf_counter() - started:.0f} s including start-up)")
+        entry: dict[str, Any] = {"rate_bits": mbit * 1e6, "records": records, "rows": rows,
+                                 "probes": probes(records)}
+        if not args.no_calibrate:
+            from benchmarks.calibrate import breakdown, report
+
+            breakdown(records, mbit * 1e6)
+            entry["predicted"] = report(setup, rows, mbit * 1e6, entry["probes"])
+        results.append(entry)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setup": asdict(setup), "results": results},
+                                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
