@@ -41,8 +41,8 @@ _GENERATOR = "numpy_generator"
 # --------------------------------------------------------------------- state as plain data
 def capture(value: Any) -> Any:
     """A copy of `value` made of tensors, numbers, strings and containers only."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+    if isinstance(value, torch.Tensor):  # on the CPU: a checkpoint loads on any machine
+        return value.detach().cpu().clone()
     if isinstance(value, np.random.Generator):
         return {_GENERATOR: value.bit_generator.state}
     if hasattr(value, "checkpoint_state"):
@@ -68,8 +68,9 @@ def restore(current: Any, saved: Any) -> Any:
     if isinstance(current, np.random.Generator):
         current.bit_generator.state = saved[_GENERATOR]
         return current
-    if isinstance(saved, torch.Tensor):
-        return saved.clone()
+    if isinstance(saved, torch.Tensor):  # back onto the device of the tensor it replaces
+        device = current.device if isinstance(current, torch.Tensor) else saved.device
+        return saved.to(device, copy=True)
     if hasattr(current, "restore_checkpoint_state"):
         current.restore_checkpoint_state(saved)
         return current
@@ -223,7 +224,7 @@ def load(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(f"{folder} has no {FILE}: start the run with --checkpoint-every N "
                               "to be able to resume it")
     try:
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path} is corrupt or truncated ({reason[:200]})") from None

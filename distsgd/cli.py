@@ -77,6 +77,8 @@ def _train_parser(sub: Any) -> None:
                         "ranks A and B, both directions (repeatable)")
     p.add_argument("--timeout", type=float, default=d.timeout,
                    help="seconds a blocking operation may wait on real processes")
+    p.add_argument("--device", default=d.device,
+                   help="cpu (default), cuda, or cuda:N (simulator); see docs/multi-machine.md")
     p.add_argument("--out", default=None, help="run folder (default runs/<time>-<algorithm>)")
     p.add_argument("--data-dir", default=None, help="dataset cache folder")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -178,7 +180,7 @@ def _train(args: argparse.Namespace) -> int:
         links=_parse_links(args.link),
         latency=args.latency, bandwidth=args.bandwidth, timeout=args.timeout, out=args.out,
         data_dir=args.data_dir, checkpoint_every=args.checkpoint_every,
-        stop_after=args.stop_after,
+        stop_after=args.stop_after, device=args.device,
         progress=sys.stderr.isatty() if args.progress is None else args.progress)
     _print_result(run(cfg))
     return 0

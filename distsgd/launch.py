@@ -91,8 +91,12 @@ def file_rendezvous() -> Iterator[str]:
 
 
 def init_process_group(rank: int, world_size: int, rendezvous: str, timeout: float,
-                       join_timeout: float | None = None) -> None:
+                       join_timeout: float | None = None, device: str = "cpu") -> None:
     """Initialise the default gloo process group with `timeout` seconds for every operation.
+
+    `device` "cuda": this process takes its own GPU, cuda:(LOCAL_RANK % GPUs) (LOCAL_RANK: set by
+    torchrun, else `rank`), and the group is torch's multi-backend "cpu:gloo,cuda:nccl": the
+    collectives on CUDA tensors run on NCCL, the mailbox (CPU copies) stays on gloo.
 
     `rendezvous` is a torch init method: ``file://...``, ``tcp://host:port`` or ``env://``. The
     ranks first wait for each other on the rendezvous store for up to `join_timeout` seconds
@@ -111,7 +115,12 @@ def init_process_group(rank: int, world_size: int, rendezvous: str, timeout: flo
     if joined.add("count", 1) >= world_size:
         joined.set("all", "1")
     joined.wait(["all"])
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+    backend = "gloo"
+    if device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout))
 
 
@@ -135,7 +144,7 @@ def is_torchrun() -> bool:
     return all(v in os.environ for v in _TORCHRUN_VARS)
 
 
-def from_torchrun_env(timeout: float = 300.0) -> TorchComm | None:
+def from_torchrun_env(timeout: float = 300.0, device: str = "cpu") -> TorchComm | None:
     """The `TorchComm` of this torchrun worker (``env://`` rendezvous), or None outside torchrun.
 
     Before gloo starts, it binds gloo to the interface that reaches the rendezvous
@@ -154,7 +163,7 @@ def from_torchrun_env(timeout: float = 300.0) -> TorchComm | None:
             if ifname is not None:
                 os.environ["GLOO_SOCKET_IFNAME"] = ifname
         init_process_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://",
-                           timeout)
+                           timeout, device=device)
     nodes = _gather_nodes(dist.get_world_size())
     comm = TorchComm(timeout)
     comm.nodes = nodes
@@ -222,6 +231,7 @@ class _Spec:
     parent_pid: int
     carry_on: bool = False  # on_failure == "continue"
     kill_at: tuple[tuple[int, int], ...] = ()  # (rank, step): SIGKILL after that step
+    device: str = "cpu"  # cuda: each process its own GPU, NCCL for collectives
 
 
 class _Board:
@@ -307,7 +317,7 @@ class _RemoteTraceback(Exception):
 def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
            timeout: float | None = None, comm_timeout: float = 300.0,
            env: Mapping[str, str] | None = None, on_failure: str = "stop",
-           essential: Collection[int] = ()) -> list[Any]:
+           essential: Collection[int] = (), device: str = "cpu") -> list[Any]:
     """Run ``fn(comm, *args)`` in `world_size` processes; return their results in rank order.
 
     `fn`, `args` and the results must be picklable (`fn` a module-level function). `timeout` is
@@ -316,6 +326,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
     `WorkerFailure` naming the worker that raised or died and its last step (or `UsageError`,
     re-raised with its message, when that is what a worker raised). With `on_failure`
     "continue", a worker outside `essential` may die without ending the run (its result: None).
+    `device` "cuda": each process its own GPU and NCCL for collectives (`init_process_group`).
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise UsageError(f"world_size={world_size!r} must be a positive integer")
@@ -334,7 +345,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
     with file_rendezvous() as url:
         spec = _Spec(fn, tuple(args), world_size, url, comm_timeout,
                      None if timeout is None else time.time() + timeout, os.getpid(),
-                     on_failure == "continue", kill_at)
+                     on_failure == "continue", kill_at, device)
         try:
             with _START_LOCK, _environ(_worker_env(env)):
                 for rank in range(world_size):
@@ -529,7 +540,8 @@ def _worker_main(rank: int, spec: _Spec, conn: mp.connection.Connection, board: 
     _here = _WorkerBoard(board, rank, dict(spec.kill_at).get(rank))
     comm: TorchComm | None = None
     try:
-        init_process_group(rank, spec.world_size, spec.rendezvous, spec.comm_timeout)
+        init_process_group(rank, spec.world_size, spec.rendezvous, spec.comm_timeout,
+                           device=spec.device)
         comm = TorchComm(spec.comm_timeout, carry_on=spec.carry_on)
         if spec.carry_on:
             _watch_deaths(comm, board)

@@ -74,13 +74,14 @@ def block_segments(block_sizes: Sequence[int]) -> list[tuple[int, int]]:
     return bounds
 
 
-def pack_weight(w: float, dtype: torch.dtype) -> torch.Tensor:
+def pack_weight(w: float, dtype: torch.dtype,
+                device: torch.device | str | None = None) -> torch.Tensor:
     """A float64 weight as raw bits in a tensor of `dtype`, to ride exactly in a model message.
 
     Push-sum weights such as 1/3 are not exact in float32; reinterpreting the float64's bytes
     keeps every bit at the cost of two float32 slots instead of a second message.
     """
-    return torch.tensor([w], dtype=torch.float64).view(dtype)
+    return torch.tensor([w], dtype=torch.float64, device=device).view(dtype)
 
 
 def unpack_weight(t: torch.Tensor) -> float:
@@ -118,7 +119,7 @@ def unpack_sparse(payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def densify(indices: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
-    dense = torch.zeros(numel, dtype=values.dtype)
+    dense = torch.zeros(numel, dtype=values.dtype, device=values.device)
     dense[indices] = values
     return dense
 

@@ -144,7 +144,8 @@ class DistributedOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """This worker's model (parameters and every buffer), optimizer state (momentum), step
         and algorithm state, as plain data (docs/checkpoints.md)."""
-        return {"model": {k: v.detach().clone() for k, v in self.ctx.model.state_dict().items()},
+        return {"model": {k: v.detach().cpu().clone()
+                          for k, v in self.ctx.model.state_dict().items()},
                 "optimizer": checkpoint.capture(self.optimizer.state_dict()),
                 "step": self.ctx.step,
                 "algorithm": self.algorithm.state_dict(self.ctx, self.state)}
@@ -160,7 +161,8 @@ class DistributedOptimizer:
     def consensus_state(self) -> torch.Tensor:
         """The flat state of the evaluated model (collective over the workers, not counted)."""
         vector, weight = self.algorithm.evaluated(self.ctx, self.state)
-        message = torch.cat([vector.double() * weight, torch.tensor([weight], dtype=torch.float64)])
+        message = torch.cat([vector.double() * weight,
+                             torch.tensor([weight], dtype=torch.float64, device=vector.device)])
         with self.ctx.comm.uncounted():
             self.ctx.comm.all_reduce_(message, group=self.ctx.workers_group)
         return (message[:-1] / message[-1]).to(vector.dtype)

@@ -84,7 +84,7 @@ def _start(cfg: RunConfig, dataset: data.Dataset, folder: RunFolder,
         results = launch.launch(_process_entry, cfg.world_size(),
                                 args=(cfg, str(folder.path), path),
                                 comm_timeout=cfg.timeout, on_failure=cfg.on_failure,
-                                essential=range(servers + 1))
+                                essential=range(servers + 1), device=cfg.device)
         results = [r for r in results if r is not None]  # None: a worker that died
     # summary.json was written once, by the last evaluation: by then every worker's last update
     # has been applied, so its staleness figures equal the servers' own (tests check it). A run
@@ -160,7 +160,8 @@ def _process_entry(comm: Comm, cfg: RunConfig, out: str | None,
     dataset = data.load(cfg.dataset, cfg.data_dir)
     total = cfg.total_steps(dataset)
     first_worker = comm.world_size - cfg.workers  # servers, if any, take the first ranks
-    saved = torch.load(resume_from, weights_only=True) if resume_from is not None else None
+    saved = (None if resume_from is None
+             else torch.load(resume_from, map_location="cpu", weights_only=True))
     evaluator = None
     folder = None
     bar = None
@@ -184,7 +185,7 @@ def _process_entry(comm: Comm, cfg: RunConfig, out: str | None,
 def _torchrun(cfg: RunConfig) -> RunResult:
     from distsgd import launch
 
-    comm = launch.from_torchrun_env(timeout=cfg.timeout)
+    comm = launch.from_torchrun_env(timeout=cfg.timeout, device=cfg.device)
     if comm is None:
         raise UsageError("backend 'torchrun' needs the environment torchrun sets (RANK, "
                          "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); start it with "

@@ -65,6 +65,7 @@ class RunConfig:
     progress: bool = False  # a progress bar on stderr
     checkpoint_every: int = 0  # steps between checkpoints in the run folder; 0: none
     stop_after: int | None = None  # stop right after the checkpoint at this step (to resume)
+    device: str = "cpu"  # cpu, cuda (real processes: each its own GPU) or cuda:N (simulator)
 
     DEFAULT_EPOCHS = 30.0
 
@@ -121,6 +122,7 @@ class RunConfig:
         check_range("latency", self.latency, 0)
         check_range("bandwidth", self.bandwidth, 0, low_open=True)
         check_range("timeout", self.timeout, 0, low_open=True)
+        check_device(self.device, self.backend)
         self._check_checkpoints()
         world = self.world_size()
         for a, b, latency, bandwidth in self.links:
@@ -201,6 +203,31 @@ def survives_failures() -> tuple[str, ...]:
 
     return tuple(sorted(name for name, cls in algorithms.REGISTRY.items()
                         if name in ("gosgd", "sgp") or issubclass(cls, ParameterServerAlgorithm)))
+
+
+def check_device(device: str, backend: str) -> None:
+    """cpu always; cuda and cuda:N only where torch sees that GPU. Real processes take plain
+    cuda, each its own GPU (cuda:(local rank % GPUs)): NCCL refuses two ranks on one GPU."""
+    head, colon, tail = device.partition(":")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    valid = "cpu" + (f", cuda, cuda:0..cuda:{count - 1}" if count else " (torch sees no CUDA GPU)")
+    if device == "cpu" or (device == "cuda" and count):
+        return
+    if head == "cuda" and colon and tail.isdigit() and int(tail) < count:
+        if backend != "sim":
+            raise UsageError(f"device {device!r} is for the simulator; real processes take "
+                             "device 'cuda' (each process its own GPU); valid: cpu, cuda")
+        return
+    raise UsageError(f"device {device!r} is not available; valid choices: {valid}")
+
+
+def worker_device(device: str) -> torch.device:
+    """Where this worker's model, optimizer and batches live: plain cuda is the current GPU (a
+    real process's own, set by `distsgd.launch.init_process_group`)."""
+    placed = torch.device(device)
+    if placed.type == "cuda" and placed.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return placed
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -340,7 +367,9 @@ def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Obs
     algorithm = cfg.make_algorithm()
     servers, workers = split_roles(algorithm, comm.world_size)
     torch.manual_seed(cfg.seed)  # every rank builds the same initial model
-    model = models.build(cfg.model_name, dataset.input_shape, dataset.num_classes)
+    device = worker_device(cfg.device)
+    # Built on the CPU (the same initial model on every device), then moved to its device.
+    model = models.build(cfg.model_name, dataset.input_shape, dataset.num_classes).to(device)
     # This worker's own torch generator (dropout), swapped in around its forward and backward:
     # simulated workers share one process, and their draws must not depend on the schedule.
     rng = torch.get_rng_state()
@@ -377,7 +406,8 @@ def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Obs
                                   f"after step {opt.ctx.step}")
         vector, weight = algorithm.evaluated(opt.ctx, opt.state)
         extra = algorithm.metrics(opt.ctx, opt.state) if index == 0 else {}
-        return Contribution(params, vector, weight, loss_sum, loss_count,
+        # Evaluation runs on the CPU (and its collectives on gloo) whatever the device.
+        return Contribution(params.cpu(), vector.cpu(), weight, loss_sum, loss_count,
                             comm.bytes_sent, comm.now(), extra)
 
     def capture() -> dict[str, Any]:
@@ -394,6 +424,7 @@ def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Obs
     while observer.take(opt.ctx, step):
         step += 1
         x, y = next(batches)
+        x, y = x.to(device), y.to(device)
         started = time.perf_counter()
         shared = torch.get_rng_state()
         torch.set_rng_state(rng)
@@ -408,6 +439,8 @@ def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Obs
                                   "(lower --lr, or --on-divergence skip)")
         # With --on-divergence skip, the update is skipped: the gradient stays zero, but the step
         # still runs, so the algorithm's messages and collectives happen and nobody waits.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # measured: the kernels' time, not their launch's
         measured = time.perf_counter() - started
         slow = straggle * next(jitter)
         comm.elapse(slow * compute.step_seconds(flops, len(y), measured))
@@ -421,4 +454,5 @@ def worker_loop(comm: Comm, cfg: RunConfig, dataset: data.Dataset, observer: Obs
             on_step(step)
         observer.stepped(opt.ctx, step, snapshot)
     opt.finish()
-    return WorkerResult(comm.rank, step, opt.ctx.flat.get(), comm.bytes_by_verb, comm.now())
+    return WorkerResult(comm.rank, step, opt.ctx.flat.get().cpu(), comm.bytes_by_verb,
+                        comm.now())

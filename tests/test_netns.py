@@ -39,6 +39,7 @@ CASES = [
 # float64s, each time) depends on the timing, which the simulator does not replay.
 DETERMINISTIC_BYTES = {"allreduce", "sgp", "crossover", "ssp"}
 HEADER_BYTES = {"ssp": 32}
+SAME_MODEL = {"allreduce", "sgp", "crossover"}  # synchronous: the model does not depend on timing
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,10 @@ def test_two_hosts(hosts: netns.Hosts, tmp_path: Path, algorithm: str, workers: 
     summary = json.loads((out / "summary.json").read_text())
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["backend"] == "torchrun" and last["step"] == STEPS
-    assert summary["test_accuracy"] > 0.5, summary  # chance is 0.1 on digits
+    # Chance is 0.1 on digits; 30 steps reach 0.65-0.77 in the simulator. An asynchronous run's
+    # model depends on the timing (ssp reached 0.46 once on a loaded machine), so the bar for
+    # those is only that training happened; synchronous runs must match the simulator (below).
+    assert summary["test_accuracy"] > 0.3, summary
     per_worker = summary["bytes_sent_per_worker"]
     assert len(per_worker) == workers and sum(per_worker) == summary["bytes_sent"]
     assert all(b > 0 for b in per_worker)
@@ -93,6 +97,8 @@ def test_two_hosts(hosts: netns.Hosts, tmp_path: Path, algorithm: str, workers: 
         sim = run(RunConfig.create(algorithm=algorithm, workers=workers, hyperparameters=sim_hp,
                                    dataset="digits", model="mlp", steps=STEPS, eval_every=STEPS,
                                    out=str(tmp_path / "sim")))
+        if algorithm in SAME_MODEL:  # the simulator's arithmetic, up to gloo's sum order
+            assert abs(summary["test_accuracy"] - sim.summary["test_accuracy"]) <= 0.02
         step = HEADER_BYTES.get(algorithm)
         for real, simulated in zip(per_worker, sim.summary["bytes_sent_per_worker"], strict=True):
             if step is None:

@@ -68,7 +68,8 @@ class AsyncSparse(ParameterServerAlgorithm):
     def init(self, ctx: WorkerContext) -> ClientState:
         state = start_client(ctx, self)
         n = ctx.flat.num_params
-        state.extra = Residual(torch.zeros(n, dtype=ctx.flat.dtype), state.anchor[n:].clone())
+        state.extra = Residual(torch.zeros(n, dtype=ctx.flat.dtype, device=ctx.flat.device),
+                               state.anchor[n:].clone())
         return state
 
     def after_backward(self, ctx: WorkerContext, state: ClientState) -> None:
@@ -96,7 +97,8 @@ class AsyncSparse(ParameterServerAlgorithm):
             assert r.pending is not None
             indices, values = r.pending
             if buffers.numel():
-                indices = torch.cat([indices, torch.arange(n, n + buffers.numel())])
+                indices = torch.cat([indices, torch.arange(n, n + buffers.numel(),
+                                                            device=indices.device)])
                 values = torch.cat([values, buffers])
             state.client.push_sparse(indices, values)
         state.anchor = state.client.pull()
@@ -105,7 +107,7 @@ class AsyncSparse(ParameterServerAlgorithm):
 
     # -------------------------------------------------------------------- server side
     def server_init(self, shard: Shard, ctx: WorkerContext) -> Velocity:
-        return Velocity(torch.zeros(shard.num_params, dtype=shard.x.dtype))
+        return Velocity(torch.zeros(shard.num_params, dtype=shard.x.dtype, device=shard.x.device))
 
     def apply(self, shard: Shard, update: torch.Tensor, tau: int, ctx: WorkerContext) -> None:
         n = shard.num_params

@@ -126,7 +126,8 @@ class Crossover(Algorithm):
             senders = topology.sources(targets, me)
             if not senders:
                 continue
-            total, inbox = x[a:b].clone(), torch.empty(b - a, dtype=x.dtype)
+            total, inbox = x[a:b].clone(), torch.empty(b - a, dtype=x.dtype,
+                                                         device=x.device)
             for src in senders:
                 ctx.comm.recv(inbox, src=rank_of[src])
                 total.add_(inbox)

@@ -43,7 +43,8 @@ class EASGDAsync(ElasticRates, ParameterServerAlgorithm):
 
     def init(self, ctx: WorkerContext) -> ClientState:
         state = start_client(ctx, self)
-        state.extra = torch.zeros(ctx.flat.num_params, dtype=ctx.flat.dtype)  # EAMSGD's buffer
+        state.extra = torch.zeros(ctx.flat.num_params, dtype=ctx.flat.dtype,
+                                  device=ctx.flat.device)  # EAMSGD's buffer
         return state
 
     def after_backward(self, ctx: WorkerContext, state: ClientState) -> None:

@@ -46,7 +46,8 @@ class GoSGD(Algorithm):
         return GossipState(
             weight=1.0 / ctx.workers,
             rng=np.random.default_rng([ctx.seed, 0x605, ctx.index]),
-            inbox=torch.empty(ctx.flat.numel + slots, dtype=ctx.flat.dtype))
+            inbox=torch.empty(ctx.flat.numel + slots, dtype=ctx.flat.dtype,
+                              device=ctx.flat.device))
 
     def after_step(self, ctx: WorkerContext, state: GossipState) -> None:
         x = ctx.flat.get()
@@ -55,7 +56,7 @@ class GoSGD(Algorithm):
         if live and state.rng.random() < self.p:
             peer = live[int(state.rng.integers(len(live)))]
             state.weight /= 2
-            message = torch.cat([x, mixing.pack_weight(state.weight, x.dtype)])
+            message = torch.cat([x, mixing.pack_weight(state.weight, x.dtype, x.device)])
             try:
                 ctx.comm.send(message, ctx.worker_ranks[peer])
             except PeerDied:

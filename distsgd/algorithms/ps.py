@@ -187,7 +187,7 @@ class ParameterServerAlgorithm(Algorithm):
                         count: int) -> torch.Tensor | None:
         """The update announced by a header from `src`; None if `src` died meanwhile."""
         payload = torch.empty_like(shard.x) if kind == PUSH else torch.empty(
-            2 * count, dtype=shard.x.dtype)
+            2 * count, dtype=shard.x.dtype, device=shard.x.device)
         try:
             ctx.comm.recv(payload, src=src)
         except PeerDied as e:
@@ -252,7 +252,7 @@ def _server_state(comm: Any, shard: Shard) -> dict[str, Any]:
 def _reply(comm: Any, dst: int, shard: Shard, x: torch.Tensor) -> None:
     lowest = shard.min_clock()
     tail = torch.tensor([float(shard.version), lowest if math.isfinite(lowest) else -1.0],
-                        dtype=torch.float64)
+                        dtype=torch.float64, device=x.device)
     comm.send(torch.cat([x, tail.view(x.dtype)]), dst)
 
 
@@ -301,10 +301,11 @@ class PSClient:
         return self._collect()
 
     def _collect(self) -> torch.Tensor:
-        out = torch.empty(self.ctx.flat.numel, dtype=self.ctx.flat.dtype)
+        out = torch.empty(self.ctx.flat.numel, dtype=self.ctx.flat.dtype,
+                          device=self.ctx.flat.device)
         lowest = math.inf
         for i, (a, b) in enumerate(self.bounds):
-            reply = torch.empty(b - a + self.slots, dtype=out.dtype)
+            reply = torch.empty(b - a + self.slots, dtype=out.dtype, device=out.device)
             self.ctx.comm.recv(reply, src=self.ctx.server_ranks[i])
             out[a:b] = reply[: b - a]
             version, clock = reply[b - a :].clone().view(torch.float64).tolist()
@@ -353,7 +354,8 @@ class PSClient:
             if seen is None:
                 with comm.uncounted():
                     self._header(i, SNAPSHOT)
-                    reply = torch.empty(b - a + self.slots, dtype=self.ctx.flat.dtype)
+                    reply = torch.empty(b - a + self.slots, dtype=self.ctx.flat.dtype,
+                                        device=self.ctx.flat.device)
                     comm.recv(reply, src=self.ctx.server_ranks[i])
                     figures = torch.empty(STATS, dtype=torch.float64)
                     comm.recv(figures, src=self.ctx.server_ranks[i])

@@ -64,7 +64,7 @@ class SGP(Algorithm):
         out_peers = topology.exponential_out_peers(me, ctx.step, n, self.peers)
         in_peers = topology.exponential_in_peers(me, ctx.step, n, self.peers)
         share, w_share = mixing.push_sum_share(state.x, state.w, len(out_peers) + 1)
-        message = torch.cat([share, mixing.pack_weight(w_share, share.dtype)])
+        message = torch.cat([share, mixing.pack_weight(w_share, share.dtype, share.device)])
         kept = 1  # shares this worker keeps: its own, and those of dead out-peers
         for peer in out_peers:
             try:

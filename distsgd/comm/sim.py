@@ -423,7 +423,7 @@ class SimWorld:
                 "ranks": [{
             "clock": w.clock, "nic_free": w.nic_free, "ingress_free": w.ingress_free,
             "bytes_by_verb": dict(w.counter.by_verb),
-            "inbox": [(m.arrival, m.seq, m.src, m.payload.clone()) for m in w.inbox],
+            "inbox": [(m.arrival, m.seq, m.src, m.payload.cpu().clone()) for m in w.inbox],
         } for w in self._workers]}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:

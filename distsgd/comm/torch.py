@@ -100,6 +100,11 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
            torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
 
 
+# Plain gloo, or torch's multi-backend group of a GPU run (`distsgd.launch.init_process_group`
+# with device cuda): CPU tensors, hence the mailbox, on gloo; CUDA tensors' collectives on NCCL.
+GLOO_BACKENDS = ("gloo", "cpu:gloo,cuda:nccl")
+
+
 class PeerLost(WorkerFailure):
     """A peer's connection closed: it crashed, or its process ended without `close`.
 
@@ -123,9 +128,10 @@ class TorchComm(Counted):
         if not dist.is_available() or not dist.is_initialized():
             raise UsageError("TorchComm needs an initialised default process group: call "
                              "distsgd.launch.init_process_group (or use distsgd.launch.launch)")
-        if dist.get_backend() != "gloo":
+        if dist.get_backend() not in GLOO_BACKENDS:
             raise UsageError(f"TorchComm needs a gloo process group, not {dist.get_backend()!r}: "
-                             "its mailbox relies on gloo's receive from any rank")
+                             "its mailbox relies on gloo's receive from any rank; valid: "
+                             f"{', '.join(GLOO_BACKENDS)}")
         self._rank = dist.get_rank()
         self._world_size = dist.get_world_size()
         self._timeout = float(timeout)
@@ -441,8 +447,12 @@ class TorchComm(Counted):
 
 
 def _direct(tensor: torch.Tensor) -> bool:
-    """Whether gloo can read and write `tensor` in place (else a staging copy is used)."""
-    return tensor.device.type == "cpu" and tensor.is_contiguous()
+    """Whether the group's backend can read and write `tensor` in place (else a staging copy
+    on the CPU is used): gloo a CPU tensor, NCCL a CUDA one where the group has it."""
+    if not tensor.is_contiguous():
+        return False
+    return tensor.device.type == "cpu" or (
+        tensor.device.type == "cuda" and str(dist.get_backend()) == GLOO_BACKENDS[1])
 
 
 def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
