@@ -123,16 +123,6 @@ def _print_result(result: Any) -> None:
               f"with: distsgd train --resume {result.out}")
 
 
-def _parse_settings(items: list[str]) -> dict[str, str]:
-    settings: dict[str, str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise UsageError(f"--set {item!r} is not NAME=VALUE (e.g. --set period=4)")
-        settings[name.strip()] = value
-    return settings
-
-
 def _parse_stragglers(items: list[str]) -> tuple[tuple[int, float], ...]:
     out = []
     for item in items:
@@ -170,7 +160,7 @@ def _train(args: argparse.Namespace) -> int:
         return _resume(args)
     backend = args.backend or ("torchrun" if launch.is_torchrun() else "sim")
     cfg = RunConfig.create(
-        algorithm=args.algorithm, hyperparameters=_parse_settings(args.settings),
+        algorithm=args.algorithm, hyperparameters=algorithms.parse_settings(args.settings),
         workers=args.workers, backend=backend, dataset=args.dataset, model=args.model,
         steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,

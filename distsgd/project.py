@@ -339,16 +339,6 @@ def _names(text: str | None) -> list[str]:
     return names
 
 
-def _settings(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise UsageError(f"--set {item!r} is not NAME=VALUE (e.g. --set shards=4)")
-        out[name.strip()] = value
-    return out
-
-
 def _counts(text: str) -> list[int]:
     try:
         counts = [int(t) for t in text.split(",")]
@@ -367,7 +357,7 @@ def main(args: argparse.Namespace) -> int:
                       slowdown=args.slowdown)
     setting.check()
     names, counts = _names(args.algorithm), _counts(args.workers)
-    settings = _settings(args.settings)
+    settings = algorithms.parse_settings(args.settings)
     for algorithm in configure(names, settings):  # every bad option fails before any run
         for n in counts:
             algorithm.validate(n, algorithm.default_lr())

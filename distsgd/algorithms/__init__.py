@@ -47,6 +47,17 @@ def create(name: str, settings: dict[str, str] | None = None, **values: Any) -> 
     return cls(**kwargs)
 
 
+def parse_settings(items: list[str]) -> dict[str, str]:
+    """``--set NAME=VALUE`` arguments as {name: text}; `parse_value` types them per algorithm."""
+    settings: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--set {item!r} is not NAME=VALUE (e.g. --set period=4)")
+        settings[name.strip()] = value
+    return settings
+
+
 def parse_value(cls: type[Algorithm], key: str, text: str) -> Any:
     """Turn `text` into the type the config field `key` declares (``none`` for optional ones)."""
     hint = type_hints(cls)[key]
