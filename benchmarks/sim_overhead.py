@@ -41,8 +41,8 @@ from distsgd import algorithms, data, models
 from distsgd.algorithms.base import Algorithm
 from distsgd.comm.base import Comm
 from distsgd.comm.sim import NetworkModel, SimWorld
+from distsgd.comm.sim.compute import ComputeModel
 from distsgd.optimizer import DistributedOptimizer, serve, split_roles
-from distsgd.train import ComputeModel
 
 TARGET = 1.5  # sim / plain
 SIDES = ("plain", "plain-N", "sim")

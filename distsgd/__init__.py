@@ -12,20 +12,20 @@ from distsgd.algorithms.easgd import EASGD
 from distsgd.algorithms.local_sgd import LocalSGD
 from distsgd.algorithms.sgp import SGP
 from distsgd.comm.base import Comm, Group
+from distsgd.config import RunConfig
 from distsgd.errors import CheckpointError, CommTimeout, DeadlockError, UsageError, WorkerFailure
 from distsgd.optimizer import DistributedOptimizer, is_server, serve
 from distsgd.runtime import RunResult
-from distsgd.train import RunConfig
 
-# The training-loop module `distsgd.train` is imported above, before the function `train` below is
-# defined, so the function (the public API) is what `distsgd.train` names; the module stays
-# importable as `from distsgd.train import ...`.
+# The training-loop module `distsgd.train` is imported above (through `distsgd.runtime`), before
+# the function `train` below is defined, so the function (the public API) is what `distsgd.train`
+# names; the module stays importable as `from distsgd.train import ...`.
 
 __version__ = "0.1.0"
 
 
 def train(**options: object) -> RunResult:
-    """Run one training job (simulated or on local processes); see `distsgd.train.RunConfig`.
+    """Run one training job (simulated or on local processes); see `distsgd.config.RunConfig`.
 
     >>> result = distsgd.train(algorithm="sgp", workers=8, backend="sim", steps=300)
     >>> result.summary["test_accuracy"]

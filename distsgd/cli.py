@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_parser(sub: Any) -> None:
     from distsgd import data, models
-    from distsgd.train import BACKENDS, DIVERGENCE, ON_FAILURE, SAMPLINGS, RunConfig
+    from distsgd.config import BACKENDS, DIVERGENCE, ON_FAILURE, SAMPLINGS, RunConfig
 
     d = RunConfig()
     p = sub.add_parser("train", help="train one model with one algorithm",
@@ -153,8 +153,8 @@ def _parse_links(items: list[str]) -> tuple[tuple[int, int, float, float], ...]:
 
 def _train(args: argparse.Namespace) -> int:
     from distsgd import launch
+    from distsgd.config import RunConfig
     from distsgd.runtime import run
-    from distsgd.train import RunConfig
 
     if args.resume is not None:
         return _resume(args)

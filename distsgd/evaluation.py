@@ -32,10 +32,11 @@ from distsgd import data, launch, mixing, models
 from distsgd.algorithms.base import WorkerContext
 from distsgd.checkpoint import Checkpoints
 from distsgd.comm.torch import TorchComm
+from distsgd.config import RunConfig
 from distsgd.errors import PeerDied, ProtocolError, UsageError
 from distsgd.flat import FlatState
 from distsgd.metrics import METRIC_FIELDS, RunFolder
-from distsgd.train import Contribution, RunConfig
+from distsgd.observer import Contribution
 
 
 class Evaluator:

@@ -36,9 +36,9 @@ from distsgd import algorithms
 from distsgd.algorithms.base import Algorithm
 from distsgd.comm.base import Comm
 from distsgd.comm.sim import NetworkModel, SimWorld
+from distsgd.comm.sim.compute import Slowdown
 from distsgd.errors import UsageError, check_range
 from distsgd.optimizer import DistributedOptimizer, serve, split_roles
-from distsgd.train import Slowdown
 
 # torchvision's resnet50: parameters of each top-level module (total 25,557,032).
 RESNET50_BLOCKS: tuple[tuple[str, int], ...] = (

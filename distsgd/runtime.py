@@ -18,10 +18,11 @@ from distsgd import checkpoint, data
 from distsgd.checkpoint import Checkpoints
 from distsgd.comm.base import Comm
 from distsgd.comm.sim import Link, NetworkModel, SimWorld
+from distsgd.config import RunConfig, checkpoint_steps, eval_steps
 from distsgd.errors import UsageError
 from distsgd.evaluation import BudgetObserver, CollectiveObserver, Evaluator, SimObserver
 from distsgd.metrics import RunFolder, default_run_dir, read_metrics, read_summary
-from distsgd.train import RunConfig, WorkerResult, checkpoint_steps, eval_steps, worker_loop
+from distsgd.train import WorkerResult, worker_loop
 
 
 @dataclass

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from distsgd import cli, compare, runtime
+from distsgd.config import RunConfig
 from distsgd.errors import UsageError
-from distsgd.train import RunConfig
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,8 +14,8 @@ import torch
 
 import distsgd
 from distsgd import checkpoint, cli, mixing
+from distsgd.config import RunConfig, check_device
 from distsgd.errors import UsageError
-from distsgd.train import RunConfig, check_device
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distsgd import algorithms, cli, compare, runtime
+from distsgd.config import RunConfig
 from distsgd.errors import UsageError
-from distsgd.train import RunConfig
 
 pytestmark = pytest.mark.timeout(300)
 FIELDS = [f.name for f in dataclasses.fields(RunConfig)]

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from distsgd import netns
+from distsgd.config import RunConfig
 from distsgd.runtime import run
-from distsgd.train import RunConfig
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(900)]
 

@@ -11,9 +11,9 @@ import threading
 import pytest
 import torch
 
-from distsgd.comm import sim
 from distsgd.comm.base import nbytes, ring_allreduce_bytes, tree_broadcast_children
 from distsgd.comm.sim import NetworkModel, SimComm, SimWorld
+from distsgd.comm.sim import world as sim
 from distsgd.errors import DeadlockError, UsageError, WorkerFailure
 
 pytestmark = pytest.mark.timeout(60)

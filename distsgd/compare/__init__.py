@@ -90,9 +90,9 @@ from typing import Any, TextIO
 
 from distsgd import algorithms, runtime
 from distsgd.algorithms.base import type_hints
+from distsgd.config import RunConfig
 from distsgd.errors import DistSGDError, UsageError, check_range
 from distsgd.metrics import unique_path, write_json
-from distsgd.train import RunConfig
 
 AXES = ("algorithm", "workers", "seed")  # coordinates of every cell, always in its name
 OWN = ("hyperparameters", "out", "progress")  # RunConfig fields compare fills itself
