@@ -1,11 +1,19 @@
 """The simulator against the network benchmark: predicted against measured wall time.
 
 For each algorithm that `benchmarks.network` measured, the simulator runs the same code
-(`network.run_algorithm`) on the same topology: 4 ranks on 2 machines as torchrun placed them, a
-fast path inside a machine, and the shaped rate between machines, each machine's NIC shared by its
-ranks (`NetworkModel.hosts`, `host_link`). It prints the predicted wall time per 1,000 samples next
-to the measured one, with the error, for four models:
+(`network.run_algorithm`) on the same topology: the ranks on their machines as torchrun placed
+them, a fast path inside a machine, and the shaped rate between machines, each machine's NIC shared
+by its ranks (`NetworkModel.hosts`, `host_link`). It prints the predicted wall time per 1,000
+samples next to the measured one, with the error, for five models:
 
+- **default**: what `distsgd train --backend sim` gives, nothing fitted: its default network
+  (25 µs, 10 GbE inside a machine) with the run's machines and shaped rate between them, no
+  per-message overhead, no rendezvous; each rank's measured CPU time per step (forward/backward,
+  the local work in `opt.step`, the rest of the loop: what the step costs on a core of its own),
+  stretched by the cores the run shared (`cpu_share`: N processes on C cores take max(1, N/C)×
+  as long) and by the slow host's factor. Stored as `predicted[spec].default_error`;
+- default, seen share: the same, each rank's compute stretched by the share of a core it saw
+  (its forward/backward wall time over its CPU time), which counts other jobs on the machine;
 - textbook: the shaped rate, textbook latencies, and each rank's measured forward/backward time
   per step (what ``--compute-time measured`` charges);
 - +local work: each rank's measured local work inside ``opt.step`` charged too (copies, mixing,
@@ -26,15 +34,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks import network
+from benchmarks.network_report import layout, summarize
 from distsgd import data
 from distsgd.comm.base import Comm
 from distsgd.comm.sim import Link, NetworkModel, SimWorld
+from distsgd.comm.sim.compute import cpu_share
+from distsgd.config import RunConfig
 
 TARGET = 0.25  # |predicted / measured − 1|
 FITTED = ("allreduce", "sgp")  # the algorithms `fit` matches; the others validate the model
@@ -67,7 +84,8 @@ def fit(setup: network.Setup, rows: dict[str, dict[str, Any]], rate_bits: float,
     dropped and the efficiency fitted on allreduce alone).
     """
     def time_of(spec: str, cal: Calibration) -> float:
-        return predict(setup, spec, rows[spec], rate_bits, cal, dataset) / rows[spec]["samples"]
+        samples: int = rows[spec]["samples"]
+        return predict(setup, spec, rows[spec], rate_bits, cal, dataset) / samples
 
     if FITTED[0] not in rows:
         return base, ()
@@ -96,53 +114,82 @@ def network_model(rate_bits: float, hosts: tuple[int, ...], cal: Calibration) ->
                                        (cal.cross_bandwidth or rate_bits / 8) * cal.efficiency))
 
 
+def hosts_of(row: dict[str, Any]) -> tuple[int, ...]:
+    """Each rank's machine (torchrun node), rank order."""
+    nodes = {int(r): n for r, n in row["nodes"].items()}
+    return tuple(nodes[r] for r in range(len(nodes)))
+
+
 def predict(setup: network.Setup, spec: str, row: dict[str, Any], rate_bits: float,
             cal: Calibration, dataset: data.Dataset, local: bool = True) -> float:
     """The simulator's wall time (virtual seconds) of one measured algorithm's run."""
-    nodes = {int(r): n for r, n in row["nodes"].items()}
-    hosts = tuple(nodes[r] for r in range(len(nodes)))
+    hosts = hosts_of(row)
     # With local work: the optimizer step's and the rest of the loop's (the next batch), both
-    # measured per rank; without: the forward/backward pass only.
-    compute = {int(r): (c[0], c[1], *c[2:]) if local else (c[0], 0.0)
+    # measured per rank; without: the forward/backward pass only. A slow host's rank is
+    # charged its factor on the forward/backward pass (measured before it slept).
+    slow = {int(r): f for r, f in row.get("slowdown", {}).items()}
+    compute = {int(r): (c[0] * slow.get(int(r), 1.0), c[1], *c[2:]) if local
+               else (c[0] * slow.get(int(r), 1.0), 0.0)
                for r, c in row["compute_per_step"].items()}
-    world = SimWorld(len(hosts), network_model(rate_bits, hosts, cal))
+    return simulate(setup, spec, network_model(rate_bits, hosts, cal), compute, dataset)
+
+
+def default_network(rate_bits: float, hosts: tuple[int, ...]) -> NetworkModel:
+    """`distsgd train --backend sim`'s network (RunConfig's latency and bandwidth) with the run's
+    machines joined at the shaped rate: nothing measured, nothing fitted."""
+    return NetworkModel(latency=RunConfig.latency, bandwidth=RunConfig.bandwidth, hosts=hosts,
+                        host_link=Link(RunConfig.latency, rate_bits / 8))
+
+
+def predict_default(setup: network.Setup, spec: str, row: dict[str, Any], rate_bits: float,
+                    cores: int | None, dataset: data.Dataset) -> float:
+    """The default model's wall time (see the module docstring): CPU time × the cores' share ×
+    the slow host's factor (on the forward/backward pass only, as `--straggler` does). With
+    `cores` None, the share each rank saw instead (its forward/backward pass's wall time over
+    its CPU time: the machine's whole load, other jobs' too). NaN for records of older runs,
+    which lack the CPU times."""
+    if not row.get("cpu_per_step"):
+        return math.nan
+    hosts = hosts_of(row)
+    slow = {int(r): f for r, f in row.get("slowdown", {}).items()}
+    compute: dict[int, tuple[float, ...]] = {}
+    for r, c in row["cpu_per_step"].items():
+        share = (cpu_share(len(hosts), cores) if cores is not None
+                 else max(1.0, row["compute_per_step"][r][0] / max(c[0], 1e-9)))
+        compute[int(r)] = (c[0] * share * slow.get(int(r), 1.0), c[1] * share, c[2] * share)
+    return simulate(setup, spec, default_network(rate_bits, hosts), compute, dataset)
+
+
+def simulate(setup: network.Setup, spec: str, net: NetworkModel,
+             compute: dict[int, tuple[float, ...]], dataset: data.Dataset) -> float:
+    """The virtual wall time of `spec`'s run on `net`, each rank charged `compute[rank]`."""
+    world = SimWorld(len(net.hosts), net)
 
     def body(comm: Comm) -> dict[str, Any]:
         return network.run_algorithm(comm, setup, spec, dataset, charge=compute.get(comm.rank))
 
-    return max(r["clock"] for r in world.run(body) if r["role"] == "worker")
+    return max(float(r["clock"]) for r in world.run(body) if r["role"] == "worker")
 
 
 def report(setup: network.Setup, rows: dict[str, dict[str, Any]], rate_bits: float,
            found: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
-    """Print measured against predicted for every algorithm of `rows`, by four models of
-    increasing detail (see the module docstring); return the figures."""
+    """Print measured against predicted for every algorithm of `rows`: the default model, then
+    four of increasing detail (see the module docstring); return the figures."""
+    # One thread, as each measured process had: intra-op threads on a loaded machine spin.
+    torch.set_num_threads(1)
     dataset = data.load(setup.dataset)
+    cores = (found or {}).get("cores") or len(os.sched_getaffinity(0))
     rendezvous = Calibration(rendezvous=True)
     fitted, fitted_on = fit(setup, rows, rate_bits, dataset, rendezvous)
-    models = {"textbook": (Calibration(), False), "+local work": (Calibration(), True),
-              "+rendezvous": (rendezvous, True), "+fitted": (fitted, True)}
-    print(f"\n## simulator vs measured, {rate_bits / 1e6:g} Mbit/s\n")
-    print(f"- textbook: inside a machine {fitted.intra_latency * 1e6:.0f} µs, "
-          f"{fitted.intra_bandwidth / 1e6:.0f} MB/s; between machines "
-          f"{fitted.cross_latency * 1e6:.0f} µs, {rate_bits / 8e6:.2f} MB/s; compute = the "
-          "measured forward/backward time")
-    print("- +local work: plus each rank's measured local work in opt.step and the rest of its "
-          "loop")
-    print(f"- +rendezvous: plus point-to-point as a rendezvous, one receive at a time per rank, "
-          f"control messages behind up to {rendezvous.host_queue * 1e3:.0f} ms of queue")
-    print(f"- +fitted: plus efficiency {fitted.efficiency:.2f} and {fitted.overhead * 1e3:.2f} ms "
-          f"per message or collective, fitted on {' and '.join(fitted_on)}")
-    if found is not None:
-        size, cross = found["model_bytes"], found["cross"]
-        ring = network_model(rate_bits, (0, 0, 1, 1), Calibration()).allreduce_time(
-            size, 4, (0, 1, 2, 3))
-        wire = size / (rate_bits / 8)
-        print(f"- probes (idle links, 20 ms apart): {size / 1e6:.2f} MB across machines + 8 B "
-              f"back {found[f'0-{cross}-{size}'] * 1e3:.1f} ms (wire {wire * 1e3:.1f} ms); "
-              f"all-reduce of it {found[f'allreduce-{size}'] * 1e3:.1f} ms (ring model "
-              f"{ring * 1e3:.1f} ms); 4 KB round trip in a machine {found['0-1-4096'] * 1e3:.1f} "
-              f"ms, across {found[f'0-{cross}-4096'] * 1e3:.1f} ms")
+    models: dict[str, Callable[[str, dict[str, Any]], float]] = {
+        "default": lambda spec, row: predict_default(setup, spec, row, rate_bits, cores, dataset),
+        "default, seen share": lambda spec, row: predict_default(setup, spec, row, rate_bits,
+                                                                 None, dataset)}
+    for name, cal, local in (("textbook", Calibration(), False),
+                             ("+local work", Calibration(), True),
+                             ("+rendezvous", rendezvous, True), ("+fitted", fitted, True)):
+        models[name] = partial(_predict_with, setup, rate_bits, cal, dataset, local)
+    _describe(setup, rows, rate_bits, cores, fitted, fitted_on, found)
     print("\n| algorithm | measured s / 1k | " + " | ".join(
         f"{n} s / 1k | error" for n in models) + " |")
     print("|---|---:|" + "---:|---:|" * len(models))
@@ -153,15 +200,16 @@ def report(setup: network.Setup, rows: dict[str, dict[str, Any]], rate_bits: flo
             continue  # not a distsgd algorithm: the simulator cannot run it
         out[spec] = {"measured": row["s_per_1000"]}
         cells = []
-        for name, (cal, local) in models.items():
-            seconds = predict(setup, spec, row, rate_bits, cal, dataset, local)
-            predicted = seconds / row["samples"] * 1000
+        for name, model in models.items():
+            predicted = model(spec, row) / row["samples"] * 1000
             error = predicted / row["s_per_1000"] - 1
             out[spec] |= {name: predicted, f"{name}_error": error}
-            if cal.efficiency != 1.0 or cal.overhead:
-                if spec in fitted_on:  # matched by construction: not evidence
-                    cells.append(f"{predicted:.3f} | (fitted)")
-                    continue
+            if math.isnan(error):
+                cells.append("– | –")
+                continue
+            if name == "+fitted" and spec in fitted_on:  # matched by construction: not evidence
+                cells.append(f"{predicted:.3f} | (fitted)")
+                continue
             errors[name].append(abs(error))
             cells.append(f"{predicted:.3f} | {error:+.0%}{'' if abs(error) <= TARGET else ' ✗'}")
         print(f"| {spec} | {row['s_per_1000']:.3f} | " + " | ".join(cells) + " |")
@@ -170,6 +218,48 @@ def report(setup: network.Setup, rows: dict[str, dict[str, Any]], rate_bits: flo
             print(f"\n{name}: mean |error| {sum(errs) / len(errs):.0%}, worst {max(errs):.0%}, "
                   f"{sum(e <= TARGET for e in errs)}/{len(errs)} within ±{TARGET:.0%}")
     return out
+
+
+def _predict_with(setup: network.Setup, rate_bits: float, cal: Calibration,
+                  dataset: data.Dataset, local: bool, spec: str, row: dict[str, Any]) -> float:
+    return predict(setup, spec, row, rate_bits, cal, dataset, local)
+
+
+def _describe(setup: network.Setup, rows: dict[str, dict[str, Any]], rate_bits: float,
+              cores: int, fitted: Calibration, fitted_on: tuple[str, ...],
+              found: dict[str, Any] | None) -> None:
+    """The models' parameters, and the probes of the links next to what the model says."""
+    hosts = hosts_of(next(iter(rows.values())))
+    print(f"\n## simulator vs measured, {rate_bits / 1e6:g} Mbit/s, {layout(setup)}\n")
+    print(f"- default: `distsgd train --backend sim`'s network ({RunConfig.latency * 1e6:.0f} µs, "
+          f"{RunConfig.bandwidth / 1e6:.0f} MB/s inside a machine), {rate_bits / 8e6:.2f} MB/s "
+          f"between machines; compute = measured CPU time × {cpu_share(len(hosts), cores):g} "
+          f"({len(hosts)} processes on {cores} cores); nothing fitted")
+    print("- default, seen share: the same with each rank's observed share of a core (its "
+          "forward/backward wall time / CPU time: other jobs' load too) instead of N/C")
+    print(f"- textbook: inside a machine {fitted.intra_latency * 1e6:.0f} µs, "
+          f"{fitted.intra_bandwidth / 1e6:.0f} MB/s; between machines "
+          f"{fitted.cross_latency * 1e6:.0f} µs, {rate_bits / 8e6:.2f} MB/s; compute = the "
+          "measured forward/backward time")
+    print("- +local work: plus each rank's measured local work in opt.step and the rest of its "
+          "loop")
+    print("- +rendezvous: plus point-to-point as a rendezvous, one receive at a time per rank, "
+          f"control messages behind up to {fitted.host_queue * 1e3:.0f} ms of queue")
+    print(f"- +fitted: plus efficiency {fitted.efficiency:.2f} and {fitted.overhead * 1e3:.2f} ms "
+          f"per message or collective, fitted on {' and '.join(fitted_on)}")
+    if found is None:
+        return
+    size, cross, inside = found["model_bytes"], found["cross"], found.get("inside", 1)
+    ring = default_network(rate_bits, hosts).allreduce_time(size, len(hosts),
+                                                            tuple(range(len(hosts))))
+    wire = size / (rate_bits / 8)
+    within = (f"4 KB round trip in a machine {found[f'0-{inside}-4096'] * 1e3:.1f} ms, "
+              if inside is not None else "4 KB round trip ")
+    print(f"- probes (idle links, 20 ms apart): {size / 1e6:.2f} MB across machines + 8 B "
+          f"back {found[f'0-{cross}-{size}'] * 1e3:.1f} ms (wire {wire * 1e3:.1f} ms); "
+          f"all-reduce of it {found[f'allreduce-{size}'] * 1e3:.1f} ms (ring model "
+          f"{ring * 1e3:.1f} ms); {within}across {found[f'0-{cross}-4096'] * 1e3:.1f} ms; load "
+          f"average {', '.join(f'{x:.1f}' for x in found.get('load', []))}")
 
 
 def breakdown(records: list[dict[str, Any]], rate_bits: float) -> None:
@@ -185,7 +275,7 @@ def breakdown(records: list[dict[str, Any]], rate_bits: float) -> None:
         mine = [r for r in workers if r["spec"] == spec]
 
         def ms(key: str, mine: list[dict[str, Any]] = mine) -> float:
-            return statistics.median(r[key] for r in mine) * 1e3
+            return float(statistics.median(r[key] for r in mine)) * 1e3
 
         step = statistics.median(r["seconds"] / r["steps"] for r in mine) * 1e3
         fb, local, wall = ms("compute_per_step"), ms("local_per_step"), ms("opt_step_wall")
@@ -198,9 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("results", help="the JSON file of `benchmarks.network --json`")
     args = p.parse_args(argv)
     saved = json.loads(Path(args.results).read_text())
-    setup = network.Setup(**saved["setup"])
+    setup = network.Setup.load(saved["setup"])
     for entry in saved["results"]:  # summarized anew: older files lack the loop's own time
-        rows = network.summarize(entry["records"], setup) if "records" in entry else entry["rows"]
+        rows = summarize(entry["records"], setup) if "records" in entry else entry["rows"]
         if "records" in entry:
             breakdown(entry["records"], entry["rate_bits"])
         report(setup, rows, entry["rate_bits"], entry.get("probes"))

@@ -1,19 +1,24 @@
-"""Every algorithm on a bandwidth-shaped network: 2 hosts × 2 processes, torchrun, tc tbf.
+"""Every algorithm on a bandwidth-shaped network: H hosts × P processes, torchrun, tc tbf.
 
-Two network namespaces joined by a veth pair (`distsgd.netns`) play two machines whose link is
-shaped by a token-bucket filter to each rate of ``--rates``. On each rate ONE torchrun job
-(2 processes per host, c10d rendezvous on host 0) runs every algorithm in turn, then PyTorch
-DistributedDataParallel, all on the same model (a wide MLP, communication-bound by design), the
-same number of samples and the same batches. One job per rate keeps process start-up (half a
-minute here) out of the budget; algorithms run one after another on fresh communicators.
+Network namespaces (distsgd.testing.netns) play the machines: two are joined by a veth pair, more
+by a bridge in a switch namespace; every host's egress (and, with a switch, every switch port's)
+is shaped by a token-bucket filter to each rate of ``--rates``. On each rate ONE torchrun job
+(``--per-host`` processes on each of ``--hosts`` hosts, c10d rendezvous on host 0) runs every
+algorithm in turn, then PyTorch DistributedDataParallel, all on the same model (a wide MLP,
+communication-bound by design), the same number of samples and the same batches. One job per rate
+keeps process start-up (half a minute here) out of the budget; algorithms run one after another
+on fresh communicators. ``--slow-host H:FACTOR`` makes torchrun node H's steps take FACTOR× as
+long (its workers sleep (FACTOR − 1) × their forward/backward time after it, as `distsgd train
+--straggler` does on real processes), DDP's too.
 
 Per algorithm it prints wall time per 1,000 samples (from a barrier to the last rank's last step),
 bytes sent per worker (the Comm layer's counts; DDP's are the ring all-reduce's), the final test
 accuracy of the evaluated model, and ratios to `allreduce` and to DDP. Then the simulator's
 prediction for the same set-up (`benchmarks.calibrate`) next to each measurement.
 
-    .venv/bin/python -m benchmarks.network                     # 100 Mbit/s and 1 Gbit/s
+    .venv/bin/python -m benchmarks.network                     # 2 × 2, 100 Mbit/s and 1 Gbit/s
     .venv/bin/python -m benchmarks.network --rates 100 --algorithms allreduce,sgp
+    .venv/bin/python -m benchmarks.network --hosts 4 --per-host 1 --slow-host 1:3
     .venv/bin/python -m benchmarks.network --json results.json # keep the figures
 
 Needs root (network namespaces). It prints figures and never fails on them.
@@ -37,10 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distsgd import algorithms, data, netns
+from benchmarks.network_report import layout, print_table, probes, summarize
+from distsgd import algorithms, data
 from distsgd.comm.base import Comm
 from distsgd.errors import UsageError
-from distsgd.optimizer import DistributedOptimizer, serve, split_roles
+from distsgd.optimizer import DistributedOptimizer, serve
+from distsgd.roles import Roles
+from distsgd.testing import netns
 
 # Hierarchical crossover with one group per machine, next to the flat one.
 DEFAULT_ALGORITHMS = ("allreduce,sgp,crossover,crossover:groups=-1,local-sgd,easgd,gosgd,"
@@ -59,6 +67,19 @@ class Setup:
     seed: int = 0
     timeout: float = 300.0  # seconds any one communication may wait
     repeats: int = 2  # every algorithm (and DDP) runs this often, alternating; medians reported
+    hosts: int = 2  # machines: network namespaces
+    per_host: int = 2  # torchrun processes on each
+    slow_host: tuple[int, float] | None = None  # (torchrun node, factor): its steps factor× longer
+
+    @classmethod
+    def load(cls, fields: dict[str, Any]) -> Setup:
+        """From `asdict` through JSON (which turns the tuple into a list)."""
+        slow = fields.get("slow_host")
+        return cls(**{**fields, "slow_host": tuple(slow) if slow is not None else None})
+
+    def slowdown(self, node: int) -> float:
+        """The factor by which torchrun node `node`'s steps are slowed down (1: not at all)."""
+        return self.slow_host[1] if self.slow_host and self.slow_host[0] == node else 1.0
 
 
 def wide_mlp(width: int, input_shape: tuple[int, ...], classes: int) -> nn.Module:
@@ -90,37 +111,46 @@ def run_algorithm(comm: Comm, setup: Setup, spec: str, dataset: data.Dataset,
     `charge`: the seconds to charge per step with `comm.elapse` (the simulator): the forward/
     backward pass, then the local work of the optimizer step (the algorithm's tensor math, the
     Comm layer's copies), then (optional) the rest of the loop (the next batch: `_outside`);
-    None charges what was measured (a no-op on real processes). The local
-    work is measured as this thread's CPU time inside `opt.step` (waiting for the network costs
-    none), scaled by how much slower than its CPU time the forward/backward pass ran: on a
-    shared machine the work waits for a core too. A worker's loop is timed from its
+    None charges what was measured (a no-op on real processes). The local work is measured as
+    this thread's CPU time inside `opt.step` (waiting for the network costs none), scaled by how
+    much slower than its CPU time the forward/backward pass ran: on a shared machine the work
+    waits for a core too. Each part's CPU time is recorded as well (`cpu_per_step`: what it
+    costs on a core of its own). A worker of the slow host (`Setup.slow_host`) sleeps after its
+    forward/backward pass for (factor − 1) times its duration. A worker's loop is timed from its
     first step (after the initial broadcast) to its last, in real and in virtual time; the
     evaluated model is then gathered (untimed, uncounted). Servers report their bytes only.
     """
     name, settings = parse_spec(spec)
     algorithm = algorithms.create(name, settings)
-    servers, workers = split_roles(algorithm, comm.world_size)
+    roles = Roles.of_world(algorithm, comm.world_size)
+    workers = roles.workers
     lr = algorithm.default_lr()
     torch.manual_seed(setup.seed)
     model = wide_mlp(setup.width, dataset.input_shape, dataset.num_classes)
     out: dict[str, Any] = {"rank": comm.rank, "spec": spec, "workers": len(workers)}
-    if comm.rank in servers:
+    if roles.is_server(comm.rank):
         serve(model, algorithm, lr=lr, comm=comm, seed=setup.seed)
         return {**out, "role": "server", "bytes": comm.bytes_sent}
-    index = workers.index(comm.rank)
+    index = roles.index(comm.rank)
     momentum = setup.momentum if algorithm.local_momentum() else 0.0
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     opt = DistributedOptimizer(model, optimizer, algorithm, comm=comm, seed=setup.seed)
     batches = data.batches(dataset, index, len(workers), setup.batch_size, setup.seed, "shard")
     steps = steps_for(setup, len(workers))
-    compute = compute_cpu = local_cpu = in_step = 0.0
+    nodes = getattr(comm, "nodes", None)  # TorchComm and SimComm have them (AlgoContext.nodes)
+    slow = setup.slowdown(nodes[comm.rank]) if nodes else 1.0
+    compute = compute_cpu = local_cpu = in_step = outside_cpu = 0.0
     started, virtual = time.perf_counter(), comm.now()  # after the initial broadcast
     for _ in range(steps):
+        c_batch = time.thread_time()
         x, y = next(batches)
         t0, c0 = time.perf_counter(), time.thread_time()
+        outside_cpu += c0 - c_batch
         F.cross_entropy(model(x), y).backward()
         spent = time.perf_counter() - t0
         compute, compute_cpu = compute + spent, compute_cpu + time.thread_time() - c0
+        if charge is None and slow > 1.0:
+            time.sleep((slow - 1.0) * spent)  # a real slow host (the simulator is charged it)
         comm.elapse(spent if charge is None else charge[0] + sum(charge[2:]))
         c1, t1 = time.thread_time(), time.perf_counter()
         opt.step()
@@ -138,12 +168,16 @@ def run_algorithm(comm: Comm, setup: Setup, spec: str, dataset: data.Dataset,
     accuracy = data.evaluate(evaluated, dataset)[0] if index == 0 else None
     return {**out, "role": "worker", "seconds": seconds, "clock": clock, "bytes": sent,
             "steps": steps, "compute_per_step": compute / steps, "local_per_step": local / steps,
-            "opt_step_wall": in_step / steps,
+            "opt_step_wall": in_step / steps, "slowdown": slow,
+            "cpu_per_step": [compute_cpu / steps, local_cpu / steps, outside_cpu / steps],
             "accuracy": accuracy}
 
 
-def run_ddp(setup: Setup, dataset: data.Dataset) -> dict[str, Any]:
-    """This rank's DDP run: the same model, batches and SGD as `allreduce` (lr 0.05)."""
+def run_ddp(setup: Setup, dataset: data.Dataset, sleep: float = 0.0) -> dict[str, Any]:
+    """This rank's DDP run: the same model, batches and SGD as `allreduce` (lr 0.05). `sleep`:
+    seconds a slow host's rank sleeps after each backward pass (DDP overlaps the backward pass
+    with its all-reduce, so its compute cannot be timed apart: the caller passes what the
+    algorithms' ranks slept)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -159,6 +193,7 @@ def run_ddp(setup: Setup, dataset: data.Dataset) -> dict[str, Any]:
     for _ in range(steps):
         x, y = next(batches)
         F.cross_entropy(model(x), y).backward()
+        time.sleep(sleep)
         optimizer.step()
         optimizer.zero_grad()
     seconds = time.perf_counter() - started
@@ -217,20 +252,22 @@ def worker_main(setup: Setup, specs: list[str], out: Path) -> None:
     """One torchrun process: every algorithm in turn, then DDP; rank 0 writes the records."""
     import torch.distributed as dist
 
-    from distsgd import launch
-    from distsgd.comm.torch import TorchComm
+    from distsgd.comm.torch import TorchComm, group
 
     torch.set_num_threads(1)
     dataset = data.load(setup.dataset)
-    first = launch.from_torchrun_env(timeout=setup.timeout)
+    first = group.from_torchrun_env(timeout=setup.timeout)
     assert first is not None, "run under torchrun"
-    nodes, records = first.nodes, []
-    # Probes: inside machine 0 (ranks 0, 1) and across (a rank of each), small and model-sized.
+    nodes, records, load = first.nodes, [], os.getloadavg()[0]
+    # Probes: inside machine 0 (rank 0 and the next rank there, if any) and across (the first
+    # rank of another machine), small and model-sized.
     cross = next(r for r in range(len(nodes)) if nodes[r] != nodes[0])
+    inside = next((r for r in range(1, len(nodes)) if nodes[r] == nodes[0]), None)
     model_bytes = 4 * sum(p.numel() for p in wide_mlp(setup.width, dataset.input_shape,
                                                       dataset.num_classes).parameters())
     with first.uncounted():
-        probes = probe(first, [(0, 1), (0, cross)], [4096, model_bytes])
+        pairs = [(0, inside)] if inside is not None else []
+        probes = probe(first, [*pairs, (0, cross)], [4096, model_bytes])
     for repeat in range(setup.repeats):
         for i, spec in enumerate(specs):
             comm = first if i == 0 and repeat == 0 else TorchComm(setup.timeout)
@@ -239,11 +276,15 @@ def worker_main(setup: Setup, specs: list[str], out: Path) -> None:
             record = run_algorithm(comm, setup, spec, dataset)
             comm.close()
             records.append({**record, "node": nodes[comm.rank], "repeat": repeat})
-        records.append({**run_ddp(setup, dataset), "node": nodes[dist.get_rank()],
-                        "repeat": repeat})
+        slept = [(r["slowdown"] - 1) * r["compute_per_step"] for r in records
+                 if r.get("slowdown", 1.0) > 1.0 and r["repeat"] == repeat]
+        records.append({**run_ddp(setup, dataset, statistics.median(slept) if slept else 0.0),
+                        "node": nodes[dist.get_rank()], "repeat": repeat})
     if dist.get_rank() == 0:
         records.append({"spec": "probe", "role": "probe", "rank": 0, "cross": cross,
-                        "model_bytes": model_bytes, **probes})
+                        "inside": inside, "model_bytes": model_bytes,
+                        "cores": len(os.sched_getaffinity(0)),
+                        "load": [load, os.getloadavg()[0]], **probes})
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, records)
     if dist.get_rank() == 0:
@@ -253,74 +294,22 @@ def worker_main(setup: Setup, specs: list[str], out: Path) -> None:
 
 
 def measure(setup: Setup, specs: list[str], rate_bits: float) -> list[dict[str, Any]]:
-    """Every algorithm and DDP on 2 hosts whose link is shaped to `rate_bits`; the records."""
+    """Every algorithm and DDP on `setup.hosts` hosts whose links are shaped to `rate_bits`;
+    the records. `netns.Hosts` deletes the namespaces (and kills what runs in them) on every
+    way out: an error, Ctrl-C, SIGTERM."""
     with tempfile.TemporaryDirectory(prefix="distsgd-network-") as folder, \
-            netns.Hosts(2, rate=rate_bits) as hosts:
+            netns.Hosts(setup.hosts, rate=rate_bits) as hosts:
         out = Path(folder, "records.json")
         args = ["--worker", json.dumps(asdict(setup)), "--algorithms", ",".join(specs),
                 "--out", str(out)]
-        done = netns.torchrun(hosts, args, 2, timeout=3000.0, module="benchmarks.network",
+        done = netns.torchrun(hosts, args, setup.per_host, timeout=3000.0,
+                              module="benchmarks.network",
                               env={"OMP_NUM_THREADS": "1"})
         for i, d in enumerate(done):
             if d.returncode != 0:
                 raise RuntimeError(f"host {i}: torchrun failed:\n{d.stdout[-3000:]}")
         records: list[dict[str, Any]] = json.loads(out.read_text())
         return records
-
-
-# ------------------------------------------------------------------------ reporting
-def summarize(records: list[dict[str, Any]], setup: Setup) -> dict[str, dict[str, Any]]:
-    """Per algorithm: wall s per 1,000 samples (median over repeats, and each), mean bytes per
-    worker, accuracy (of the first repeat), per-rank compute per step (median), placement."""
-    rows: dict[str, dict[str, Any]] = {}
-    for spec in dict.fromkeys(r["spec"] for r in records if r["role"] != "probe"):
-        mine = [r for r in records if r["spec"] == spec]
-        workers = [r for r in mine if r["role"] == "worker"]
-        repeats = sorted({r.get("repeat", 0) for r in workers})
-        first = [r for r in workers if r.get("repeat", 0) == repeats[0]]
-        samples = first[0]["steps"] * len(first) * setup.batch_size
-        walls = [max(r["seconds"] for r in workers if r.get("repeat", 0) == k) for k in repeats]
-        compute = {r["rank"]: [statistics.median(x[key] for x in workers if x["rank"] == r["rank"])
-                               for key in ("compute_per_step", "local_per_step")]
-                   + [statistics.median(_outside(x) for x in workers if x["rank"] == r["rank"])]
-                   for r in first if r.get("compute_per_step") is not None}
-        rows[spec] = {
-            "s_per_1000": statistics.median(walls) / samples * 1000,
-            "each_s_per_1000": [w / samples * 1000 for w in walls], "samples": samples,
-            "bytes_per_worker": statistics.mean(r["bytes"] for r in first),
-            "accuracy": next(r["accuracy"] for r in first if r["accuracy"] is not None),
-            "compute_per_step": compute,
-            "nodes": {r["rank"]: r["node"] for r in mine if r.get("repeat", 0) == repeats[0]},
-        }
-    return rows
-
-
-def _outside(record: dict[str, Any]) -> float:
-    """Seconds per step of the loop outside the forward/backward pass and `opt.step`: the next
-    batch, the timers (wall time; 0 for records without `opt_step_wall`)."""
-    if record.get("opt_step_wall") is None:
-        return 0.0
-    return max(0.0, record["seconds"] / record["steps"] - record["compute_per_step"]
-               - record["opt_step_wall"])
-
-
-def probes(records: list[dict[str, Any]]) -> dict[str, Any]:
-    return next(r for r in records if r["role"] == "probe")
-
-
-def print_table(rows: dict[str, dict[str, Any]], rate_bits: float) -> None:
-    base, ddp = rows.get("allreduce"), rows.get("ddp")
-    print(f"\n## link {rate_bits / 1e6:g} Mbit/s (tc tbf), 2 hosts × 2 processes\n")
-    print("| algorithm | s / 1k samples (each run) | MB sent / worker | accuracy | × allreduce "
-          "| × DDP |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for spec, row in rows.items():
-        vs_base = row["s_per_1000"] / base["s_per_1000"] if base else math.nan
-        vs_ddp = row["s_per_1000"] / ddp["s_per_1000"] if ddp else math.nan
-        each = ", ".join(f"{x:.2f}" for x in row["each_s_per_1000"])
-        print(f"| {spec} | {row['s_per_1000']:.3f} ({each}) | "
-              f"{row['bytes_per_worker'] / 1e6:.2f} | {row['accuracy']:.3f} | {vs_base:.2f} | "
-              f"{vs_ddp:.2f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -332,6 +321,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=Setup.samples)
     p.add_argument("--batch-size", type=int, default=Setup.batch_size)
     p.add_argument("--repeats", type=int, default=Setup.repeats)
+    p.add_argument("--hosts", type=int, default=Setup.hosts, help="machines (namespaces), ≥ 2")
+    p.add_argument("--per-host", type=int, default=Setup.per_host, help="processes per machine")
+    p.add_argument("--slow-host", metavar="H:FACTOR",
+                   help="torchrun node H's steps take FACTOR× as long (e.g. 1:3)")
     p.add_argument("--no-calibrate", action="store_true", help="skip the simulator's prediction")
     p.add_argument("--json", help="write every record and summary to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set by the driver, under torchrun
@@ -339,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     specs = [s for s in args.algorithms.split(",") if s]
     if args.worker is not None:
-        worker_main(Setup(**json.loads(args.worker)), specs, Path(args.out))
+        worker_main(Setup.load(json.loads(args.worker)), specs, Path(args.out))
         return
     try:
         for spec in specs:
@@ -351,21 +344,28 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(e))  # exit status 2
     except ValueError:
         p.error(f"--rates {args.rates!r}: give positive numbers of Mbit/s, e.g. 100,1000")
+    if not 2 <= args.hosts <= 250:
+        p.error(f"--hosts {args.hosts}: valid values lie in [2, 250]")
+    if not 1 <= args.per_host <= 64:
+        p.error(f"--per-host {args.per_host}: valid values lie in [1, 64]")
+    slow = parse_slow_host(p, args.slow_host, args.hosts)
     reason = netns.unavailable()
     if reason is not None:
         sys.exit(f"benchmarks.network: cannot create network namespaces: {reason}")
     setup = Setup(width=args.width, samples=args.samples, batch_size=args.batch_size,
-                  repeats=args.repeats)
+                  repeats=args.repeats, hosts=args.hosts, per_host=args.per_host,
+                  slow_host=slow)
     params = sum(p.numel() for p in wide_mlp(setup.width, (8, 8), 10).parameters())
     print(f"wide MLP width {setup.width} ({params:,} parameters, {params * 4 / 1e6:.2f} MB), "
           f"{setup.dataset}, {setup.samples} samples per algorithm, batch {setup.batch_size}, "
-          f"{os.cpu_count()} CPU cores shared by the 4 processes")
+          f"{layout(setup)}: {setup.hosts * setup.per_host} processes sharing "
+          f"{len(os.sched_getaffinity(0))} CPU cores (load average {os.getloadavg()[0]:.1f})")
     results = []
     for mbit in (float(r) for r in args.rates.split(",")):
         started = time.perf_counter()
         records = measure(setup, specs, mbit * 1e6)
         rows = summarize(records, setup)
-        print_table(rows, mbit * 1e6)
+        print_table(rows, mbit * 1e6, setup)
         print(f"(measured in {time.perf_counter() - started:.0f} s including start-up)")
         entry: dict[str, Any] = {"rate_bits": mbit * 1e6, "records": records, "rows": rows,
                                  "probes": probes(records)}
@@ -375,9 +375,25 @@ def main(argv: list[str] | None = None) -> None:
             breakdown(records, mbit * 1e6)
             entry["predicted"] = report(setup, rows, mbit * 1e6, entry["probes"])
         results.append(entry)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"setup": asdict(setup), "results": results},
-                                              indent=1))
+        if args.json:  # after every rate: a later failure keeps what was measured
+            Path(args.json).write_text(json.dumps({"setup": asdict(setup), "results": results},
+                                                  indent=1))
+
+
+def parse_slow_host(p: argparse.ArgumentParser, text: str | None,
+                    hosts: int) -> tuple[int, float] | None:
+    """--slow-host H:FACTOR, H a torchrun node in [0, hosts) and FACTOR > 0 (exits on others)."""
+    if text is None:
+        return None
+    head, _, tail = text.partition(":")
+    try:
+        node, factor = int(head), float(tail)
+    except ValueError:
+        node, factor = -1, math.nan
+    if not (0 <= node < hosts and factor > 0 and math.isfinite(factor)):
+        p.error(f"--slow-host {text!r}: give H:FACTOR with H in [0, {hosts - 1}] and FACTOR > 0, "
+                "e.g. 1:3")
+    return node, factor
 
 
 if __name__ == "__main__":

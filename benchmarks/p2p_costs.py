@@ -1,6 +1,6 @@
 """What point-to-point messages cost on a shaped link, timed one way, next to the simulator.
 
-2 hosts × 2 processes in network namespaces (`distsgd.netns`), the link shaped by tc tbf as in
+2 hosts × 2 processes in network namespaces (distsgd.testing.netns), the link shaped by tc tbf as in
 `benchmarks.network`. The namespaces share the machine's monotonic clock, so a message's one-way
 time is the receiver's completion time minus the agreed start time, with no round trip added.
 Each scenario runs `--rounds` times after 2 warm-up rounds, `--gap` seconds of idle link before
@@ -20,10 +20,15 @@ Ranks a0, a1 are on host 0, b0, b1 on host 1; S is the benchmark model's 1.2 MB.
 - comm small after large: b0 sends S to a0, a1 sends 4 KB to a0 at 5 ms (inside host 0).
 - comm small behind bulk: a0 sends S to b0, a1 sends 4 KB to b1 at 2 ms: how long a small message
   (a header, a "ready") waits in the shaper's queue behind bulk data going the same way.
+- k into one (k = 1, 2, 3): b0, then a1, then b1 send S to a0 at once, by raw gloo
+  ``isend``/``irecv`` (a0's receives posted at the start), by `Comm.exchange` (receives posted
+  ahead) and by ``send``/``recv`` (the mailbox); then the ratio of each to raw gloo. Likewise
+  p swapping (p = 1, 2): a0 ↔ b0 (and a1 ↔ b1) swap S at once, a gossip step.
 
     .venv/bin/python -m benchmarks.p2p_costs --rates 100,1000
+    .venv/bin/python -m benchmarks.p2p_costs --loopback      # k into one only, 4 local processes
 
-Needs root. Prints figures and never fails on them.
+Needs root, except with ``--loopback``. Prints figures and never fails on them.
 """
 
 from __future__ import annotations
@@ -40,14 +45,11 @@ from typing import Any
 
 import torch
 
-from distsgd import netns
+from benchmarks.p2p_concurrent import RAW_TAG, ROLES, SIZE, k_into_one, k_table
 from distsgd.comm.base import Comm
 from distsgd.comm.sim import Link, NetworkModel, SimWorld
 
-SIZE = 1_204_264  # bytes: the wide MLP of benchmarks.network (301,066 float32 parameters)
 SMALL = 4096
-# rank -> role: torchrun's placement (ranks 0, 1 on host 0), as in the simulator below.
-ROLES = ("a0", "a1", "b0", "b1")
 
 # A scenario: every rank calls it with `at(t)` (wait until t seconds after the start) and
 # `now()` (seconds since the start); it returns this rank's completion times by label.
@@ -138,37 +140,39 @@ COMM_SCENARIOS: dict[str, Scenario] = {
     "comm small behind bulk": small_behind_bulk}
 
 
-def gloo_scenarios(comm: Comm, r: dict[str, int], at: Callable[[float], None],
-                   now: Callable[[], float]) -> dict[str, Callable[[], dict[str, float]]]:
-    """Raw gloo send/recv, without the Comm layer (real processes only)."""
+def gloo_pre_posted(comm: Comm, r: dict[str, int], at: Callable[[float], None],
+                    now: Callable[[], float]) -> dict[str, float]:
+    """Raw gloo, without the Comm layer (real processes only): the link's own cost."""
     import torch.distributed as dist
 
     big, me = torch.zeros(SIZE // 4), comm.rank
+    if me == r["b0"]:
+        work = dist.irecv(big, r["a0"], tag=RAW_TAG)
+        assert work is not None
+        work.wait()
+        return {"b0 has it (sent at 5 ms)": now()}
+    if me == r["a0"]:
+        at(0.005)  # b0's receive is surely posted by then
+        dist.send(big, r["b0"], tag=RAW_TAG)
+    return {}
 
-    def pre_posted() -> dict[str, float]:
-        if me == r["b0"]:
-            work = dist.irecv(big, r["a0"])
-            assert work is not None
-            work.wait()
-            return {"b0 has it (sent at 5 ms)": now()}
-        if me == r["a0"]:
-            at(0.005)  # b0's receive is surely posted by then
-            dist.send(big, r["b0"])
-        return {}
 
-    def late() -> dict[str, float]:
-        if me == r["a0"]:
-            work = dist.isend(big, r["b0"])
-            assert work is not None
-            work.wait()
-            return {"a0's isend done": now()}
-        if me == r["b0"]:
-            at(0.05)
-            dist.recv(big, r["a0"])
-            return {"b0 has it (recv posted at 50 ms)": now()}
-        return {}
+def gloo_late(comm: Comm, r: dict[str, int], at: Callable[[float], None],
+              now: Callable[[], float]) -> dict[str, float]:
+    """Raw gloo with the receive posted 50 ms after the send: is it a rendezvous?"""
+    import torch.distributed as dist
 
-    return {"gloo pre-posted": pre_posted, "gloo late recv": late}
+    big, me = torch.zeros(SIZE // 4), comm.rank
+    if me == r["a0"]:
+        work = dist.isend(big, r["b0"], tag=RAW_TAG)
+        assert work is not None
+        work.wait()
+        return {"a0's isend done": now()}
+    if me == r["b0"]:
+        at(0.05)
+        dist.recv(big, r["a0"], tag=RAW_TAG)
+        return {"b0 has it (recv posted at 50 ms)": now()}
+    return {}
 
 
 def _until(t: float) -> None:
@@ -176,15 +180,10 @@ def _until(t: float) -> None:
         time.sleep(min(0.001, left))
 
 
-def worker(rounds: int, gap: float, out: Path) -> None:
-    import torch.distributed as dist
-
-    from distsgd import launch
-
-    torch.set_num_threads(1)
-    comm = launch.from_torchrun_env(timeout=120.0)
-    assert comm is not None, "run under torchrun"
-    assert comm.nodes == (0, 0, 1, 1) or comm.nodes[0] == comm.nodes[1], comm.nodes
+def timed(comm: Comm, named: dict[str, Callable[..., dict[str, float]]], rounds: int,
+          gap: float) -> dict[str, dict[str, list[float]]]:
+    """Each scenario `rounds` times after 2 warm-up rounds, all ranks starting together: on one
+    machine's CLOCK_MONOTONIC (namespaces share it), so one-way times need no round trip."""
     roles = {name: rank for rank, name in enumerate(ROLES)}
     results: dict[str, dict[str, list[float]]] = {}
     t0 = 0.0
@@ -195,30 +194,64 @@ def worker(rounds: int, gap: float, out: Path) -> None:
     def now() -> float:
         return time.perf_counter() - t0
 
-    named: dict[str, Callable[[], dict[str, float]]] = dict(gloo_scenarios(comm, roles, at, now))
-    for name, fn in COMM_SCENARIOS.items():
-        named[name] = (lambda f: lambda: f(comm, roles, at, now))(fn)
-    for name, run in named.items():
+    for name, fn in named.items():
         for i in range(rounds + 2):
             start = torch.tensor([time.perf_counter() + gap + 0.01], dtype=torch.float64)
-            dist.broadcast(start, 0)  # one clock for every namespace: CLOCK_MONOTONIC
+            with comm.uncounted():
+                comm.broadcast_(start, 0)
             t0 = float(start)
             _until(t0)
-            got = run()
+            got = fn(comm, roles, at, now)
             if i >= 2:
                 for label, t in got.items():
                     results.setdefault(name, {}).setdefault(label, []).append(t)
+    return results
+
+
+def _merge(parts: list[Any]) -> dict[str, dict[str, list[float]]]:
+    merged: dict[str, dict[str, list[float]]] = {}
+    for part in parts:
+        for name, labels in (part or {}).items():
+            merged.setdefault(name, {}).update(labels)
+    return merged
+
+
+def worker(rounds: int, gap: float, out: Path) -> None:
+    import torch.distributed as dist
+
+    from distsgd.comm.torch import group
+
+    torch.set_num_threads(1)
+    comm = group.from_torchrun_env(timeout=120.0)
+    assert comm is not None, "run under torchrun"
+    assert comm.nodes == (0, 0, 1, 1) or comm.nodes[0] == comm.nodes[1], comm.nodes
+    named: dict[str, Callable[..., dict[str, float]]] = {
+        "gloo pre-posted": gloo_pre_posted, "gloo late recv": gloo_late, **COMM_SCENARIOS}
+    named.update(k_into_one())
+    results = timed(comm, named, rounds, gap)
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, results)
     if dist.get_rank() == 0:
-        merged: dict[str, dict[str, list[float]]] = {}
-        for part in everyone:
-            for name, labels in part.items():
-                merged.setdefault(name, {}).update(labels)
-        out.write_text(json.dumps(merged))
+        out.write_text(json.dumps(_merge(everyone)))
     comm.close()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _loopback_worker(comm: Comm, rounds: int, gap: float) -> dict[str, dict[str, list[float]]]:
+    torch.set_num_threads(1)
+    return timed(comm, k_into_one(), rounds, gap)
+
+
+def loopback(rounds: int, gap: float) -> None:
+    """k into one between 4 local processes (loopback): the transport's own overhead."""
+    from distsgd.launch import launch
+
+    parts = launch(_loopback_worker, 4, args=(rounds, gap), timeout=900, comm_timeout=120,
+                   env={"OMP_NUM_THREADS": "1"})
+    print(f"\n## loopback, 4 processes: k × S = {SIZE / 1e6:.2f} MB into one rank, p pairs "
+          f"swapping S; median ms of {rounds} rounds\n")
+    k_table(_merge(parts))
 
 
 def simulate(rate_bits: float, rendezvous: bool) -> dict[str, dict[str, float]]:
@@ -247,10 +280,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gap", type=float, default=0.05, help="idle seconds before each round")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--loopback", action="store_true",
+                   help="only k into one, between local processes (no root needed)")
     args = p.parse_args(argv)
     if args.worker:
         worker(args.rounds, args.gap, Path(args.out))
         return
+    if args.loopback:
+        loopback(args.rounds, args.gap)
+        return
+    from distsgd.testing import netns
+
     reason = netns.unavailable()
     if reason is not None:
         sys.exit(f"benchmarks.p2p_costs: cannot create network namespaces: {reason}")
@@ -271,12 +311,17 @@ def main(argv: list[str] | None = None) -> None:
               "+rendezvous |")
         print("|---|---|---:|---:|---:|---:|")
         for name, labels in results.items():
+            if " into one: " in name or " swapping: " in name:
+                continue
             for label, times in labels.items():
                 med = statistics.median(times)
                 sim = [f"{s[name][label] * 1e3:.1f}" if label in s.get(name, {}) else "–"
                        for s in (plain, rendezvous)]
                 print(f"| {name} | {label} | {med * 1e3:.1f} ({min(times) * 1e3:.1f}–"
                       f"{max(times) * 1e3:.1f}) | {med / wire:.2f} | {sim[0]} | {sim[1]} |")
+        print(f"\n### k into one (senders b0, a1, b1 in that order), p swapping, at {mbit:g} "
+              "Mbit/s\n")
+        k_table(results)
 
 
 if __name__ == "__main__":

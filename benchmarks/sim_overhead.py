@@ -2,7 +2,7 @@
 
 The simulator runs its workers one at a time, so N workers × S steps can never beat one plain loop
 doing N·S forward/backward/optimizer steps on the same model and batch size; what the simulator
-adds on top of that (thread hand-offs, the scheduler, the algorithm's flatten/copy, the simulated
+adds on top of that (greenlet switches, the scheduler, the algorithm's flatten/copy, the simulated
 collectives) is its overhead. A third side, plain-N, steps N separate models round-robin in one
 thread: what is left between it and the simulator is the simulator's own cost, not the price of N
 models' state. Every side uses one torch thread and draws the very same batches from
@@ -26,15 +26,16 @@ import dataclasses
 import io
 import pstats
 import statistics
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from greenlet import greenlet
 from torch import nn
 
 from distsgd import algorithms, data, models
@@ -42,7 +43,10 @@ from distsgd.algorithms.base import Algorithm
 from distsgd.comm.base import Comm
 from distsgd.comm.sim import NetworkModel, SimWorld
 from distsgd.comm.sim.compute import ComputeModel
-from distsgd.optimizer import DistributedOptimizer, serve, split_roles
+from distsgd.comm.sim.scheduler import Scheduler
+from distsgd.optimizer import DistributedOptimizer, serve
+from distsgd.roles import Roles
+from distsgd.runtime import simulate_ranks
 
 TARGET = 1.5  # sim / plain
 SIDES = ("plain", "plain-N", "sim")
@@ -75,7 +79,25 @@ class Setup:
 
 
 # --------------------------------------------------------------------------- the compared runs
-def run_plain(s: Setup, per_worker: bool = False) -> float:
+@dataclass(frozen=True)
+class Timing:
+    """A timed region: wall-clock seconds, and this process's CPU seconds in it. Every side runs
+    in one thread that never waits, so on a quiet machine the two agree; on a shared one, CPU
+    time leaves out the time other processes had the core."""
+
+    wall: float
+    cpu: float
+
+    @staticmethod
+    def start() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    @classmethod
+    def since(cls, started: tuple[float, float]) -> Timing:
+        return cls(time.perf_counter() - started[0], time.process_time() - started[1])
+
+
+def run_plain(s: Setup, per_worker: bool = False) -> Timing:
     """N·S steps in one thread; batches taken step-major from the N workers' streams, so the data
     side does exactly what the simulated workers do.
 
@@ -88,7 +110,7 @@ def run_plain(s: Setup, per_worker: bool = False) -> float:
         model = s.make_model()
         nets.append((model, s.make_optimizer(model)))
     streams = [s.stream(w) for w in range(s.workers)]
-    started = time.perf_counter()
+    started = Timing.start()
     for _ in range(s.steps):
         for w, stream in enumerate(streams):
             model, optimizer = nets[w % len(nets)]
@@ -96,25 +118,23 @@ def run_plain(s: Setup, per_worker: bool = False) -> float:
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
             optimizer.zero_grad()
-    return time.perf_counter() - started
+    return Timing.since(started)
 
 
-def run_sim(s: Setup, probe: Probe | None = None) -> float:
+def run_sim(s: Setup, probe: Probe | None = None) -> Timing:
     """N simulated workers, each a DistributedOptimizer around its own model, S steps each, plus
     the algorithm's parameter servers if it has any (their work is the algorithm's cost)."""
     algorithm = algorithms.create(s.algorithm)
-    world_size = s.workers + algorithm.servers(s.workers)
-    servers, workers = split_roles(algorithm, world_size)
     compute = None if s.compute_time == "none" else ComputeModel.parse(s.compute_time)
     flops = models.forward_flops(s.make_model(), s.dataset.input_shape)
     # Streams are made outside the timed region on both sides (the plain loop does the same).
     streams = [s.stream(w) for w in range(s.workers)]
 
-    def body(comm: Comm) -> None:
+    def body(comm: Comm, roles: Roles) -> None:
         if probe is not None:
             probe.begin()
         model = s.make_model()
-        if comm.rank in servers:
+        if roles.is_server(comm.rank):
             if probe is not None:
                 probe.phase(SERVE)
             serve(model, algorithm, lr=s.lr, comm=comm, seed=s.seed)
@@ -123,7 +143,7 @@ def run_sim(s: Setup, probe: Probe | None = None) -> float:
             return
         opt = DistributedOptimizer(model, s.make_optimizer(model), algorithm, comm=comm,
                                    seed=s.seed)
-        stream = streams[workers.index(comm.rank)]
+        stream = streams[roles.index(comm.rank)]
         for _ in range(s.steps):
             if probe is not None:
                 probe.phase(COMPUTE)
@@ -143,10 +163,9 @@ def run_sim(s: Setup, probe: Probe | None = None) -> float:
         if probe is not None:
             probe.end()
 
-    world = SimWorld(world_size, NetworkModel())
-    started = time.perf_counter()
-    world.run(body)
-    return time.perf_counter() - started
+    started = Timing.start()
+    simulate_ranks(algorithm, s.workers, body, network=NetworkModel())
+    return Timing.since(started)
 
 
 # ------------------------------------------------------------------------------ the breakdown
@@ -158,8 +177,8 @@ class Probe:
     """Accounts one instrumented simulated run's wall time to where it went.
 
     Only one simulated worker runs at a time, so the run's wall time is the sum of the workers'
-    active spans plus what happens between them (the scheduler loop and the thread hand-offs).
-    Every timer here is exclusive of the time its thread spends parked in `SimWorld._yield`: that
+    active spans plus what happens between them (the scheduler and the greenlet switches).
+    Every timer here is exclusive of the time its worker spends parked in `SimWorld._yield`: that
     time belongs to whichever worker runs meanwhile. Wrapped calls are charged to the phase the
     worker is in, so the setup's broadcast is not mistaken for the steps' all-reduces.
     """
@@ -168,8 +187,14 @@ class Probe:
         self.seconds: dict[str, float] = defaultdict(float)
         self.yields = 0
         self.num_threads: set[int] = set()
-        self._local = threading.local()
+        # Per worker: the workers are greenlets of one thread, so a threading.local would not do.
+        self._workers: dict[greenlet, SimpleNamespace] = {}
         self._restore: list[tuple[Any, str, Any]] = []
+
+    @property
+    def _local(self) -> SimpleNamespace:
+        """The running worker's own timers."""
+        return self._workers.setdefault(greenlet.getcurrent(), SimpleNamespace())
 
     def _parked(self) -> float:
         return getattr(self._local, "parked", 0.0)
@@ -178,7 +203,7 @@ class Probe:
         return getattr(self._local, "phase", SETUP)
 
     def _add(self, key: str, seconds: float) -> None:
-        # No lock: only one worker thread (or the scheduler) runs at a time.
+        # No lock: only one worker (or the scheduler) runs at a time, all in one thread.
         self.seconds[key] += seconds
 
     def begin(self) -> None:
@@ -220,7 +245,7 @@ class Probe:
         original = SimWorld._yield
         probe = self
 
-        def counted(world: SimWorld, w: Any) -> None:
+        def counted(world: Scheduler, w: Any) -> None:
             started = time.perf_counter()
             try:
                 original(world, w)
@@ -229,7 +254,7 @@ class Probe:
                 probe.yields += 1
 
         self._restore.append((SimWorld, "_yield", original))
-        SimWorld._yield = counted  # type: ignore[method-assign]
+        SimWorld._yield = counted  # type: ignore[method-assign,assignment]
 
     def install(self, algorithm: type[Algorithm]) -> None:
         self.patch_yield()
@@ -262,7 +287,7 @@ class Probe:
              sec[f"hooks {STEP}"] - sec[f"comm {STEP}"]),
             ("SimWorld collective/send/recv/poll (reduce, copies, scans)", sec[f"comm {STEP}"]),
             ("zero_grad + finish + loop", sec["active"] - phases),
-            ("scheduler + thread hand-offs (wall - workers' active)", wall - sec["active"]),
+            ("scheduler + greenlet switches (wall - workers' active)", wall - sec["active"]),
         ]
         if sec[f"phase {SERVE}"]:
             rows.insert(-1, ("parameter servers' serve loops (with their comm)",
@@ -270,8 +295,8 @@ class Probe:
         return rows
 
 
-def interleaved(s: Setup, repeats: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {side: [] for side in SIDES}
+def interleaved(s: Setup, repeats: int) -> dict[str, list[Timing]]:
+    times: dict[str, list[Timing]] = {side: [] for side in SIDES}
     for _ in range(repeats):  # interleaved: plain, plain-N, sim, plain, plain-N, sim, ...
         times["plain"].append(run_plain(s))
         times["plain-N"].append(run_plain(s, per_worker=True))
@@ -283,42 +308,25 @@ def instrumented(s: Setup) -> tuple[float, Probe]:
     probe = Probe()
     probe.install(type(algorithms.create(s.algorithm)))
     try:
-        wall = run_sim(s, probe)
+        wall = run_sim(s, probe).wall
     finally:
         probe.uninstall()
     return wall, probe
 
 
 def profile_sim(s: Setup, top: int) -> str:
-    """cProfile of one simulated run, every worker thread and the scheduler merged."""
-    profiles: list[cProfile.Profile] = []
-    lock = threading.Lock()
-    original = SimWorld._body
-
-    def body(world: SimWorld, fn: Callable[[Any], Any], w: Any) -> None:
-        prof = cProfile.Profile()
-        with lock:
-            profiles.append(prof)
-        prof.enable()
-        try:
-            original(world, fn, w)
-        finally:
-            prof.disable()
-
-    SimWorld._body = body  # type: ignore[method-assign]
+    """cProfile of one simulated run: the workers are greenlets of this thread, so one profiler
+    sees them all and the scheduler."""
     main = cProfile.Profile()
+    main.enable()
     try:
-        main.enable()
         run_sim(s)
-        main.disable()
     finally:
-        SimWorld._body = original  # type: ignore[method-assign]
+        main.disable()
     out = io.StringIO()
     stats = pstats.Stats(main, stream=out)
-    for prof in profiles:
-        stats.add(prof)
-    out.write("(worker threads' time parked in _yield shows as lock.acquire; the scheduler's\n"
-              " wait for the running worker shows there too, so read acquire as idle)\n")
+    out.write("(a switch to another worker shows as greenlet.switch; its cumulative time is the\n"
+              " other workers' work, so read only its own time as the switch's cost)\n")
     stats.sort_stats("tottime").print_stats(top)
     return out.getvalue()
 
@@ -354,14 +362,23 @@ def main(argv: list[str] | None = None) -> None:
     run_plain(dataclasses.replace(s, steps=2))  # warm-up: allocator, autograd, first call
     run_sim(dataclasses.replace(s, steps=2))
     times = interleaved(s, args.repeats)
-    med = {side: statistics.median(times[side]) for side in SIDES}
+    med = {side: statistics.median(t.wall for t in times[side]) for side in SIDES}
+    cpu = {side: statistics.median(t.cpu for t in times[side]) for side in SIDES}
     mp = med["plain"]
-    print(f"{'':<9}{'median s':>10}{'us/step':>10}{'x plain':>9}   runs (s)")
+    print(f"{'':<9}{'median s':>10}{'us/step':>10}{'x plain':>9}{'cpu x':>7}   runs (s)")
     for side in SIDES:
         print(f"{side:<9}{med[side]:>10.3f}{med[side] / total * 1e6:>10.1f}"
-              f"{med[side] / mp:>9.2f}   " + " ".join(f"{r:.3f}" for r in times[side]))
+              f"{med[side] / mp:>9.2f}{cpu[side] / cpu['plain']:>7.2f}   "
+              + " ".join(f"{t.wall:.3f}" for t in times[side]))
     print(f"(plain: one model; plain-N: {s.workers} models stepped round-robin in one thread, "
-          "the floor for any simulator)")
+          "the floor for any simulator; cpu x: the same ratio in CPU time, which leaves out "
+          "other processes' share of a busy machine)")
+    paired = [sim.wall / plain.wall for sim, plain in zip(times["sim"], times["plain"],
+                                                           strict=True)]
+    print("sim/plain per repetition: " + " ".join(f"{r:.2f}" for r in paired)
+          + f" (spread {max(paired) - min(paired):.2f}); in CPU time: "
+          + " ".join(f"{sim.cpu / plain.cpu:.2f}"
+                     for sim, plain in zip(times["sim"], times["plain"], strict=True)))
     ratio = med["sim"] / mp
     verdict = "meets" if ratio <= TARGET else "misses"
     print(f"\nratio sim/plain = {ratio:.2f}  (target <= {TARGET}: {verdict} it); "

@@ -14,8 +14,9 @@ from distsgd.algorithms.sgp import SGP
 from distsgd.comm.base import Comm, Group
 from distsgd.config import RunConfig
 from distsgd.errors import CheckpointError, CommTimeout, DeadlockError, UsageError, WorkerFailure
-from distsgd.optimizer import DistributedOptimizer, is_server, serve
-from distsgd.runtime import RunResult
+from distsgd.optimizer import DistributedOptimizer, is_server, sampler, serve
+from distsgd.roles import Roles
+from distsgd.runtime import RunResult, simulate_ranks
 
 # The training-loop module `distsgd.train` is imported above (through `distsgd.runtime`), before
 # the function `train` below is defined, so the function (the public API) is what `distsgd.train`
@@ -62,6 +63,7 @@ __all__ = [
     "DistributedOptimizer",
     "Group",
     "LocalSGD",
+    "Roles",
     "RunConfig",
     "RunResult",
     "UsageError",
@@ -72,6 +74,8 @@ __all__ = [
     "is_server",
     "register",
     "resume",
+    "sampler",
     "serve",
+    "simulate_ranks",
     "train",
 ]

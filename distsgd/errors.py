@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import types
 import typing
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -92,23 +94,47 @@ def _matches(value: object, hint: Any) -> bool:
 
 def check_range(
     name: str, value: float, low: float | None = None, high: float | None = None,
-    *, low_open: bool = False, high_open: bool = False, meaning: str = "",
+    *, low_open: bool = False, high_open: bool = False, meaning: str = "", finite: bool = False,
 ) -> None:
-    """Raise `UsageError` naming `name` and its valid range when `value` falls outside it."""
+    """Raise `UsageError` naming `name` and its valid range when `value` falls outside it.
+
+    NaN is always out of range; with `finite`, so are the infinities (an unbounded side, None,
+    otherwise admits them: `comm.close(math.inf)` means no limit).
+    """
+    real = isinstance(value, float)  # math.isnan(10**400) would raise OverflowError
     bad = (
-        math.isnan(value)
+        (real and math.isnan(value))
+        or (finite and real and math.isinf(value))
         or (low is not None and (value <= low if low_open else value < low))
         or (high is not None and (value >= high if high_open else value > high))
     )
     if bad:
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
+        lo = "-inf" if low is None else _bound(low)
+        hi = "inf" if high is None else _bound(high)
         left = "(" if low_open or low is None else "["
         right = ")" if high_open or high is None else "]"
         why = f" ({meaning})" if meaning else ""
-        raise UsageError(f"{name}={value!r} is out of range: valid values lie in "
+        kind = "finite values" if finite and (low is None or high is None) else "values"
+        raise UsageError(f"{name}={value!r} is out of range: valid {kind} lie in "
                          f"{left}{lo}, {hi}{right}{why}")
+
+
+def _bound(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"  # 2**63 - 1 exactly
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" for the closest of `choices` to a mistyped `word`, else ""."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class CheckpointError(DistSGDError):
     """A checkpoint cannot be used: missing, corrupt or truncated, or another run's (exit 1)."""
+
+
+class StorageError(DistSGDError):
+    """A run folder, checkpoint or report cannot be written (read-only, full disk, not a folder);
+    the message names the path (exit 1)."""

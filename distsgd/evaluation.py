@@ -28,12 +28,11 @@ from typing import Any
 
 import torch
 
-from distsgd import data, launch, mixing, models
+from distsgd import data, mixing, models
 from distsgd.algorithms.base import WorkerContext
 from distsgd.checkpoint import Checkpoints
-from distsgd.comm.torch import TorchComm
-from distsgd.config import RunConfig
-from distsgd.errors import PeerDied, ProtocolError, UsageError
+from distsgd.config import RunConfig, Schedule
+from distsgd.errors import PeerDied, ProtocolError
 from distsgd.flat import FlatState
 from distsgd.metrics import METRIC_FIELDS, RunFolder
 from distsgd.observer import Contribution
@@ -148,7 +147,7 @@ class StepObserver:
     collectives on real processes (`checkpoint`), parked and read in place in the simulator.
     """
 
-    def __init__(self, total: int, evals: set[int]) -> None:
+    def __init__(self, total: int, evals: Schedule) -> None:
         self.total, self.evals = total, evals
         self.checkpoints: Checkpoints | None = None
 
@@ -188,7 +187,7 @@ class StepObserver:
 class SimObserver(StepObserver):
     """Collects every simulated worker's copy of step k; evaluates when the last one arrives."""
 
-    def __init__(self, evaluator: Evaluator, workers: int, evals: set[int]) -> None:
+    def __init__(self, evaluator: Evaluator, workers: int, evals: Schedule) -> None:
         super().__init__(evaluator.total, evals)
         self.evaluator, self.workers = evaluator, workers
         self.pending: dict[int, dict[int, Contribution]] = {}
@@ -218,12 +217,12 @@ class BudgetObserver:
     N × eval_every steps taken in all, the observer reads every worker's state in place (all other
     workers are suspended: a consistent cut, at no virtual time and no bytes)."""
 
-    def __init__(self, evaluator: Evaluator, workers: int, evals: set[int]) -> None:
+    def __init__(self, evaluator: Evaluator, workers: int, evals: Schedule) -> None:
         self.evaluator, self.workers = evaluator, workers
         self.budget = workers * evaluator.total
         # The last evaluation is taken once every worker has stopped, not when the budget runs
         # out: workers still inside their last step would otherwise each trigger it again.
-        self.marks = {workers * e for e in evals} - {self.budget}
+        self.evals = evals  # at global progress N × e for each e in it, but the budget's end
         self.taken = 0
         self.recorded = -1  # the last mark evaluated: once each, whoever finishes a step first
         self.snapshots: dict[int, Snapshot] = {}
@@ -234,7 +233,7 @@ class BudgetObserver:
     def attach(self, checkpoints: Checkpoints) -> None:
         """Checkpoint at global progress k (k × N steps taken in all), k a checkpoint step."""
         self.checkpoints = checkpoints
-        self.mark = min(checkpoints.steps - checkpoints.done, default=0)
+        self.mark = checkpoints.next_due()
         checkpoints.observer_state = lambda: {"taken": self.taken}
         if checkpoints.resume is not None:
             self.taken = self.recorded = checkpoints.resume["observer"]["taken"]
@@ -257,7 +256,7 @@ class BudgetObserver:
             # writes. Workers that would have gone on meanwhile now wait (docs/checkpoints.md).
             # Should one be blocked by a parked one instead (SSP), all go on a step and retry.
             if cp.hold(ctx, self.mark):
-                self.mark = min(cp.steps - cp.done, default=0)
+                self.mark = cp.next_due()
         if cp is not None and cp.stopped:
             return False
         if self.taken < self.budget:
@@ -269,7 +268,10 @@ class BudgetObserver:
         return False
 
     def stepped(self, ctx: WorkerContext, done: int, snapshot: Snapshot) -> None:
-        if self.taken in self.marks and self.taken > self.recorded:
+        n = self.workers
+        at_mark = (self.taken % n == 0 and self.taken // n in self.evals
+                   and self.taken != self.budget)
+        if at_mark and self.taken > self.recorded:
             self.recorded = self.taken
             self._record(ctx)
 
@@ -284,11 +286,11 @@ class CollectiveObserver(StepObserver):
     With `reports` (``--on-failure continue``) each worker sends its publication to worker 0 on
     the communicator's reports channel instead: a collective can never complete once a worker has
     died, messages from the survivors can. Worker 0 then evaluates over the workers that reported
-    and lists the dead in ``failed_workers``. Every step is also noted for the launcher, whose
-    message names a dead worker's last step.
+    and lists the dead (`Comm.deaths`) in ``failed_workers``. Every step is also noted
+    (`Comm.note_step`) for the launcher, whose message names a dead worker's last step.
     """
 
-    def __init__(self, evaluator: Evaluator | None, total: int, evals: set[int],
+    def __init__(self, evaluator: Evaluator | None, total: int, evals: Schedule,
                  reports: bool = False) -> None:
         super().__init__(total, evals)
         self.evaluator = evaluator  # only on worker 0
@@ -298,7 +300,7 @@ class CollectiveObserver(StepObserver):
         self.seen: dict[int, list[float]] = {}
 
     def stepped(self, ctx: WorkerContext, done: int, snapshot: Snapshot) -> None:
-        launch.note_step(done)
+        ctx.comm.note_step(done)
         super().stepped(ctx, done, snapshot)
 
     def publish(self, step: int, ctx: WorkerContext, c: Contribution) -> None:
@@ -323,9 +325,7 @@ class CollectiveObserver(StepObserver):
                                   c.extra)
 
     def _report(self, step: int, ctx: WorkerContext, c: Contribution) -> None:
-        comm = ctx.comm
-        if not isinstance(comm, TorchComm):
-            raise UsageError("evaluation reports need real processes (a TorchComm)")
+        comm = ctx.comm  # its reports channel: uncounted, apart from the algorithm's messages
         size = c.params.numel()
         mine = torch.cat([c.params.double(), c.evaluated.double() * c.weight, torch.tensor(
             [c.weight, c.loss_sum, c.loss_count, c.bytes_sent, step], dtype=torch.float64)])
@@ -351,7 +351,7 @@ class CollectiveObserver(StepObserver):
         started = time.time() - (time.perf_counter() - self.evaluator.started)
         failed = [{"rank": r, "worker": ctx.worker_ranks.index(r), "last_step": last,
                    "real_time_s": round(died - started, 3)}
-                  for r, (last, died) in sorted(launch.deaths().items()) if r in ctx.worker_ranks]
+                  for r, (last, died) in sorted(comm.deaths().items()) if r in ctx.worker_ranks]
         self.evaluator.record(step, stacked[:, size:2 * size].sum(0) / weight, distance,
                               float(totals[:, 0].sum()), int(totals[:, 1].sum()),
                               [int(b) for b in totals[:, 2]], c.clock,

@@ -20,14 +20,12 @@ Server ranks of parameter-server algorithms come on top of the N workers.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,10 +33,12 @@ from torch import nn
 from distsgd import algorithms
 from distsgd.algorithms.base import Algorithm
 from distsgd.comm.base import Comm
-from distsgd.comm.sim import NetworkModel, SimWorld
+from distsgd.comm.sim import NetworkModel
 from distsgd.comm.sim.compute import Slowdown
 from distsgd.errors import UsageError, check_range
-from distsgd.optimizer import DistributedOptimizer, serve, split_roles
+from distsgd.optimizer import DistributedOptimizer, serve
+from distsgd.roles import Roles
+from distsgd.runtime import simulate_ranks
 
 # torchvision's resnet50: parameters of each top-level module (total 25,557,032).
 RESNET50_BLOCKS: tuple[tuple[str, int], ...] = (
@@ -111,13 +111,11 @@ def step_times(algorithm: Algorithm, workers: int, setting: Setting) -> list[flo
     """Each worker's virtual seconds per step over the measurement window."""
     algorithm.validate(workers, algorithm.default_lr())  # raises on a run it cannot do
     numel = sum(p.numel() for p in stand_in_model().parameters())
-    world = SimWorld(workers + algorithm.servers(workers), setting.network(numel))
     steps = setting.warmup + setting.window
 
-    def body(comm: Comm) -> float | None:
+    def body(comm: Comm, roles: Roles) -> float | None:
         model = stand_in_model()
-        servers, _ = split_roles(algorithm, comm.world_size)
-        if comm.rank in servers:
+        if roles.is_server(comm.rank):
             serve(model, algorithm, lr=algorithm.default_lr(), comm=comm)
             return None
         momentum = 0.9 if algorithm.local_momentum() else 0.0
@@ -133,12 +131,7 @@ def step_times(algorithm: Algorithm, workers: int, setting: Setting) -> list[flo
         opt.finish()
         return (ends[-1] - ends[setting.warmup - 1]) / setting.window
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one worker runs at a time: more threads only contend
-    try:
-        results = world.run(body)
-    finally:
-        torch.set_num_threads(threads)
+    results = simulate_ranks(algorithm, workers, body, network=setting.network(numel))
     return [t for t in results if t is not None]
 
 
@@ -267,110 +260,66 @@ def format_comparison(comparisons: list[Comparison], ar_vs_sgp: float,
 
 def plot(rows: list[Projection], path: Path, setting: Setting) -> None:
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    fig = Figure(figsize=(8, 5.5))
+    from distsgd.report.style import same_as, series_style
+
+    fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
     counts = sorted({p.workers for p in rows})
     ax.plot(counts, counts, color="black", linestyle=":", label="ideal (N)")
-    markers = "os^vDx+*<>ph"  # lines that coincide (e.g. every one-server algorithm) stay visible
-    for i, name in enumerate(dict.fromkeys(p.algorithm for p in rows)):
-        mine = sorted((p.workers, p.speedup) for p in rows if p.algorithm == name)
-        style = "-" if algorithms.get(name).synchronous else "--"
-        ax.plot([n for n, _ in mine], [s for _, s in mine], style, label=name,
-                marker=markers[i % len(markers)], markersize=5, fillstyle="none")
+    names = list(dict.fromkeys(p.algorithm for p in rows))
+    series = [sorted((p.workers, p.speedup) for p in rows if p.algorithm == n) for n in names]
+    # Lines that coincide (e.g. every one-server algorithm) stay visible: each series has its own
+    # colour and hollow marker, a series drawn over an earlier one gets larger markers around
+    # it, and the legend names the one it covers.
+    covers = same_as(series)
+    for i, (name, mine) in enumerate(zip(names, series, strict=True)):
+        layer = sum(1 for j in range(i) if covers[j] == covers[i] is not None) + (
+            covers[i] is not None)
+        style = {**series_style(i),
+                 "linestyle": "-" if algorithms.get(name).synchronous else "--"}
+        covered = covers[i]
+        label = name if covered is None else f"{name} (= {names[covered]})"
+        ax.plot([n for n, _ in mine], [s for _, s in mine], label=label, markersize=5 + 3 * layer,
+                fillstyle="none", **style)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())  # unlabelled: labels 3, 5, 6, 7 would collide
     ax.set_xlabel("workers N")
     ax.set_ylabel("speed-up over one worker")
     ax.set_title(f"Projected speed-up, {setting.params * 4 / 1e6:g} MB model, "
                  f"{setting.bandwidth * 8 / 1e9:g} Gbit/s, {setting.compute_time * 1e3:.3g} "
                  "ms compute/step", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, title="solid: sync, dashed: async", title_fontsize=8)
-    fig.tight_layout()
+    # Beside the axes, not on them: it would cover the lines of the smallest N.
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8,
+               title="solid: sync, dashed: async", title_fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)  # Figure.savefig renders with Agg, no display needed
 
 
-# ------------------------------------------------------------------- command line
-def add_parser(subparsers: Any) -> None:
-    d = Setting()
-    p = subparsers.add_parser(
-        "project", help="predicted speed-up of every algorithm on 4..256 workers",
-        description="Run every algorithm's real message pattern in the simulator with a "
-                    "ResNet-50-sized model on a 10 GbE network and print the predicted speed-up "
-                    "over one worker (table and PNG plot), then the papers' figures next to ours.")
-    p.add_argument("--algorithm", "-a", metavar="A[,A...]",
-                   help="algorithms (default: every registered one; `distsgd list`)")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
-                   help="a hyperparameter, for every selected algorithm that has it "
-                        "(repeatable; default: each algorithm's defaults)")
-    p.add_argument("--workers", "-n", metavar="N[,N...]",
-                   default=",".join(map(str, WORKERS)), help="worker counts (default %(default)s)")
-    p.add_argument("--params", type=float, default=d.params,
-                   help="float32 parameters per message (default %(default)g: ResNet-50)")
-    p.add_argument("--bandwidth", type=float, default=d.bandwidth,
-                   help="bytes/s per NIC and direction (default %(default)g: 10 GbE)")
-    p.add_argument("--latency", type=float, default=d.latency,
-                   help="seconds, one way (default %(default)g)")
-    p.add_argument("--overhead", type=float, default=d.overhead,
-                   help="seconds per message or collective (default %(default)g)")
-    p.add_argument("--compute-time", type=float, default=d.compute_time,
-                   help="seconds of forward+backward per step (default %(default).4g: a batch "
-                        "of 32 at 367 images/s, ResNet-50 FP32 on one V100)")
-    p.add_argument("--slowdown", default=d.slowdown,
-                   help="seeded random slowdown of every step: none | lognormal:SIGMA")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="steps not measured")
-    p.add_argument("--window", type=int, default=d.window, help="steps measured")
-    p.add_argument("--plot", default="projection.png", help="PNG path (default %(default)s)")
-    p.add_argument("--papers", action=argparse.BooleanOptionalAction, default=True,
-                   help="also compare with the papers' figures (default on)")
-
-
-def _names(text: str | None) -> list[str]:
-    if text is None:
-        return sorted(algorithms.REGISTRY)
-    names = [t.strip() for t in text.split(",")]
-    for name in names:
-        algorithms.get(name)  # UsageError naming the valid choices
-    return names
-
-
-def _counts(text: str) -> list[int]:
-    try:
-        counts = [int(t) for t in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--workers {text!r} is not a list of whole numbers >= 1 "
-                         "(e.g. 4,8,16)") from None
-    for n in counts:
-        check_range("workers", n, 1)
-    return counts
-
-
-def main(args: argparse.Namespace) -> int:
-    setting = Setting(params=args.params, bandwidth=args.bandwidth, latency=args.latency,
-                      overhead=args.overhead, compute_time=args.compute_time,
-                      warmup=args.warmup, window=args.window,
-                      slowdown=args.slowdown)
+# ----------------------------------------------------------------------- run
+def print_projection(names: Sequence[str], counts: Sequence[int], setting: Setting,
+                     settings: Mapping[str, str], plot_path: str | Path,
+                     with_papers: bool = True) -> None:
+    """`distsgd project`: the table on stdout and its plot at `plot_path`, then (`with_papers`)
+    the papers' figures next to ours. Every algorithm and worker count is checked before any run."""
     setting.check()
-    names, counts = _names(args.algorithm), _counts(args.workers)
-    settings = algorithms.parse_settings(args.settings)
     for algorithm in configure(names, settings):  # every bad option fails before any run
         for n in counts:
             algorithm.validate(n, algorithm.default_lr())
     started = time.perf_counter()
     rows = project(names, counts, setting, settings)
     print(format_table(rows, setting))
-    plot(rows, Path(args.plot), setting)
-    print(f"plot: {args.plot}")
-    if args.papers:
+    plot(rows, Path(plot_path), setting)
+    print(f"plot: {plot_path}")
+    if with_papers:
         print()
         # The papers' nodes, on the network and with the jitter and window given here.
         papers = replace(PAPER_SETTING, latency=setting.latency, overhead=setting.overhead,
                          slowdown=setting.slowdown, warmup=setting.warmup, window=setting.window)
         print(format_comparison(*compare_with_papers(papers), papers))
     print(f"\nsimulated in {time.perf_counter() - started:.1f} s (real time)")
-    return 0

@@ -6,23 +6,30 @@ runs `train.worker_loop`; only the communicator and the observer differ.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from distsgd import checkpoint, data
+from distsgd import checkpoint, data, models
+from distsgd.algorithms.base import Algorithm
 from distsgd.checkpoint import Checkpoints
 from distsgd.comm.base import Comm
 from distsgd.comm.sim import Link, NetworkModel, SimWorld
 from distsgd.config import RunConfig, checkpoint_steps, eval_steps
-from distsgd.errors import UsageError
+from distsgd.errors import CheckpointError, UsageError
 from distsgd.evaluation import BudgetObserver, CollectiveObserver, Evaluator, SimObserver
 from distsgd.metrics import RunFolder, default_run_dir, read_metrics, read_summary
+from distsgd.roles import Roles
+from distsgd.spawn_guard import check_main_guard
 from distsgd.train import WorkerResult, worker_loop
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,15 +39,22 @@ class RunResult:
     metrics: list[dict[str, Any]]
     workers: list[WorkerResult] = field(default_factory=list)  # empty under torchrun
     stopped_at: int | None = None  # the checkpoint step a --stop-after run stopped at
+    reporting: bool = True  # False on the ranks of a torchrun job that print nothing
 
 
 def run(cfg: RunConfig) -> RunResult:
     cfg.check()
     if cfg.backend == "torchrun":
         return _torchrun(cfg)
+    if cfg.backend == "processes":
+        check_main_guard('distsgd.train(backend="processes")')
     dataset = data.load(cfg.dataset, cfg.data_dir)  # fails early, before any worker starts
     cfg.check_length(cfg.total_steps(dataset))
-    return _start(cfg, dataset, _prepare(cfg), None)
+    folder = _prepare(cfg)
+    try:
+        return _start(cfg, dataset, folder, None)
+    finally:
+        folder.release()
 
 
 def resume(run_dir: str | Path, *, progress: bool = False,
@@ -55,7 +69,11 @@ def resume(run_dir: str | Path, *, progress: bool = False,
     _, saved = checkpoint.load(run_dir)
     options = {**saved["config"], "out": str(run_dir), "progress": progress,
                "stop_after": stop_after}
-    cfg = RunConfig.create(**options)
+    path = Path(run_dir, checkpoint.FILE)
+    try:
+        cfg = RunConfig.create(**options)
+    except UsageError as e:  # the file's fault, not the command line's: exit 1
+        raise CheckpointError(f"{path} holds a run config that is not valid: {e}") from None
     if cfg.backend == "torchrun":
         raise UsageError("resume: runs started under torchrun are resumed by starting torchrun "
                          "again; valid backends for --resume: sim, processes")
@@ -63,13 +81,22 @@ def resume(run_dir: str | Path, *, progress: bool = False,
         raise UsageError(f"stop_after={stop_after} is not a checkpoint step after the "
                          f"checkpoint's step {saved['step']}: valid values are multiples of "
                          f"checkpoint_every={cfg.checkpoint_every} above it")
+    if cfg.backend == "processes":
+        check_main_guard("distsgd.resume")
     dataset = data.load(cfg.dataset, cfg.data_dir)
-    cfg.check_length(cfg.total_steps(dataset))
-    checkpoint.keep_metrics_through(run_dir, saved["metrics_step"])  # the first change made
-    # A summary from before (the run had finished, then was resumed from its last checkpoint)
-    # would describe a run that is being redone: it is written again at the end.
-    Path(run_dir, "summary.json").unlink(missing_ok=True)
-    return _start(cfg, dataset, RunFolder(run_dir), saved)
+    total = cfg.total_steps(dataset)
+    cfg.check_length(total)
+    model = models.build(cfg.model_name, dataset.input_shape, dataset.num_classes)
+    checkpoint.check_for_run(saved, cfg, total, model, path)
+    folder = RunFolder.open(run_dir)  # a run still going on it: refused, nothing changed
+    try:
+        checkpoint.keep_metrics_through(run_dir, saved["metrics_step"])  # the first change made
+        # A summary from before (the run had finished, then was resumed from its last
+        # checkpoint) would describe a run that is being redone: it is written again at the end.
+        Path(run_dir, "summary.json").unlink(missing_ok=True)
+        return _start(cfg, dataset, folder, saved)
+    finally:
+        folder.release()
 
 
 def _start(cfg: RunConfig, dataset: data.Dataset, folder: RunFolder,
@@ -80,12 +107,12 @@ def _start(cfg: RunConfig, dataset: data.Dataset, folder: RunFolder,
         from distsgd import launch
 
         # The servers and the evaluating worker are essential: their death ends any run.
-        servers = cfg.world_size() - cfg.workers
+        first_worker = cfg.roles().workers[0]
         path = str(folder.path / checkpoint.FILE) if saved is not None else None
         results = launch.launch(_process_entry, cfg.world_size(),
                                 args=(cfg, str(folder.path), path),
                                 comm_timeout=cfg.timeout, on_failure=cfg.on_failure,
-                                essential=range(servers + 1), device=cfg.device)
+                                essential=range(first_worker + 1), device=cfg.device)
         results = [r for r in results if r is not None]  # None: a worker that died
     # summary.json was written once, by the last evaluation: by then every worker's last update
     # has been applied, so its staleness figures equal the servers' own (tests check it). A run
@@ -99,9 +126,14 @@ def _prepare(cfg: RunConfig) -> RunFolder:
     algorithm = cfg.make_algorithm()
     for warning in algorithm.validate(cfg.workers, cfg.learning_rate):
         print(f"warning: {warning}", file=sys.stderr)
-    folder = RunFolder(cfg.out or default_run_dir(cfg.algorithm))
-    folder.write_config({**cfg.to_json(), "out": str(folder.path)})
-    folder.start_metrics()
+    # Locked for the run's life (the caller releases it): a second run on it is refused.
+    folder = RunFolder.create(cfg.out or default_run_dir(cfg.algorithm), overwrite=cfg.overwrite)
+    try:
+        folder.write_config({**cfg.to_json(), "out": str(folder.path)})
+        folder.start_metrics()
+    except BaseException:
+        folder.release()
+        raise
     return folder
 
 
@@ -138,20 +170,49 @@ def _simulate(cfg: RunConfig, dataset: data.Dataset, folder: RunFolder,
         observer.attach(checkpoints)
     bar = _progress(cfg, total, evaluator)
 
-    def body(comm: Comm) -> WorkerResult:
+    def body(comm: Comm, _: Roles) -> WorkerResult:
         on_step = bar.update_to if bar is not None and comm.rank == world.world_size - 1 else None
         return worker_loop(comm, cfg, dataset, observer, on_step, saved)
 
-    # Simulated workers share this process: one intra-op thread keeps runs bit-for-bit
-    # reproducible and avoids oversubscribing the cores while one worker runs at a time.
+    try:
+        return simulate_ranks(cfg.make_algorithm(), cfg.workers, body, world=world)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def simulate_ranks(algorithm: Algorithm | str, workers: int, body: Callable[[Comm, Roles], T], *,
+                   network: NetworkModel | None = None, world: SimWorld | None = None) -> list[T]:
+    """Run `body(comm, roles)` on every rank of a simulated run of `workers` training workers
+    plus the algorithm's parameter servers (the first ranks: `roles.is_server(comm.rank)`);
+    return each rank's result, by rank.
+
+    `network`: the simulated network (default `NetworkModel()`); or `world`: a `SimWorld` made
+    beforehand (to look into it while the ranks run), of `roles.world_size` ranks.
+
+        def body(comm, roles):
+            if roles.is_server(comm.rank):
+                return distsgd.serve(model(), algorithm, lr=0.05, comm=comm)
+            opt = distsgd.DistributedOptimizer(model(), ..., algorithm, comm=comm)
+            ...
+        results = distsgd.simulate_ranks(algorithm, 8, body)
+    """
+    roles = Roles.of(algorithm, workers)
+    if world is None:
+        world = SimWorld(roles.world_size, network)
+    elif network is not None:
+        raise UsageError("simulate_ranks: give either network or world, not both")
+    elif world.world_size != roles.world_size:
+        raise UsageError(f"simulate_ranks: the world has {world.world_size} ranks but {workers} "
+                         f"workers need {roles.world_size}; valid: SimWorld({roles.world_size})")
+    # Simulated ranks share this process: one intra-op thread keeps runs bit-for-bit
+    # reproducible and avoids oversubscribing the cores while one rank runs at a time.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return world.run(body)
+        return world.run(lambda comm: body(comm, roles))
     finally:
         torch.set_num_threads(threads)
-        if bar is not None:
-            bar.close()
 
 
 def _process_entry(comm: Comm, cfg: RunConfig, out: str | None,
@@ -160,7 +221,7 @@ def _process_entry(comm: Comm, cfg: RunConfig, out: str | None,
     file every rank reads its own part from."""
     dataset = data.load(cfg.dataset, cfg.data_dir)
     total = cfg.total_steps(dataset)
-    first_worker = comm.world_size - cfg.workers  # servers, if any, take the first ranks
+    first_worker = cfg.roles().workers[0]  # the evaluating worker
     saved = (None if resume_from is None
              else torch.load(resume_from, map_location="cpu", weights_only=True))
     evaluator = None
@@ -183,26 +244,49 @@ def _process_entry(comm: Comm, cfg: RunConfig, out: str | None,
             bar.close()
 
 
-def _torchrun(cfg: RunConfig) -> RunResult:
-    from distsgd import launch
+def torchrun_workers(algorithm: Algorithm) -> int | None:
+    """The training workers a torchrun job holds: its processes (WORLD_SIZE) less the
+    algorithm's servers (`distsgd train --workers`'s default there); None outside torchrun."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None or "RANK" not in os.environ:
+        return None
+    return len(Roles.of_world(algorithm, int(world)).workers)
 
-    comm = launch.from_torchrun_env(timeout=cfg.timeout, device=cfg.device)
-    if comm is None:
+
+def _torchrun(cfg: RunConfig) -> RunResult:
+    from distsgd.comm.torch import group
+
+    if not group.is_torchrun():
         raise UsageError("backend 'torchrun' needs the environment torchrun sets (RANK, "
                          "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); start it with "
                          "torchrun ... -m distsgd train ..., or use --backend sim|processes")
-    if comm.world_size != cfg.world_size():
-        raise UsageError(f"torchrun started {comm.world_size} processes but --workers "
-                         f"{cfg.workers} with {cfg.algorithm} needs {cfg.world_size()}")
-    first_worker = comm.world_size - cfg.workers
-    folder = _prepare(cfg) if comm.rank == first_worker else None
+    # Checked, and the run folder made, before joining the job: a mistake then ends this rank
+    # with one line, and no communicator (no mailbox thread) is left to wind down.
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if world != cfg.world_size():
+        try:
+            fits = f"--workers {torchrun_workers(cfg.make_algorithm())} (the default)"
+        except UsageError as e:
+            fits = f"none ({e})"
+        raise UsageError(f"torchrun started {world} processes but --workers {cfg.workers} with "
+                         f"{cfg.algorithm} needs {cfg.world_size()}; valid: {fits}")
+    folder = _prepare(cfg) if rank == cfg.roles().workers[0] else None
     try:
-        result = _process_entry(comm, cfg, str(folder.path) if folder else None)
+        comm = group.from_torchrun_env(timeout=cfg.timeout, device=cfg.device)
+        assert comm is not None  # is_torchrun() above
+        try:
+            result = _process_entry(comm, cfg, str(folder.path) if folder else None)
+        finally:
+            group.shutdown(comm)
     finally:
-        launch.shutdown(comm)
-    if folder is None:
-        return RunResult(Path(), {}, [], [result])
-    return RunResult(folder.path, read_summary(folder.path), read_metrics(folder.path), [result])
+        if folder is not None:
+            folder.release()
+    if folder is None:  # not the reporting rank: its result only, nothing to print
+        return RunResult(Path(), {}, [], [result], reporting=False)
+    # A --stop-after run stopped at a checkpoint has no summary yet.
+    done = (folder.path / "summary.json").is_file()
+    return RunResult(folder.path, read_summary(folder.path) if done else {},
+                     read_metrics(folder.path), [result], None if done else cfg.stop_after)
 
 
 class _Bar:

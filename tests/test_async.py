@@ -8,6 +8,7 @@ tolerance is a few float32 ulps of the parameters' size.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,12 @@ from tiny import batch, make_model
 from torch import nn
 
 import distsgd
-from distsgd import mixing
+from distsgd import checkpoint, mixing
 from distsgd.algorithms.downpour import Downpour
-from distsgd.algorithms.ps import Shard
+from distsgd.algorithms.ps import SERVICE, SERVICES, Shard, check_header, wire
 from distsgd.comm.base import Comm
 from distsgd.comm.sim import SimWorld
+from distsgd.errors import ProtocolError
 
 pytestmark = pytest.mark.timeout(120)
 FLOAT32_ROUNDING = dict(atol=1e-6, rtol=1e-5)
@@ -33,11 +35,11 @@ def simulate(n: int, algorithm: distsgd.Algorithm, steps: int, *, lr: float = 0.
              watch: Callable[[SimWorld, distsgd.DistributedOptimizer], None] | None = None,
              ) -> tuple[SimWorld, list[Any]]:
     """`n` workers (plus the algorithm's servers), each taking `steps` steps of `compute(i)`."""
-    world = SimWorld(n + algorithm.servers(n))
+    world = SimWorld(distsgd.Roles.of(algorithm, n).world_size)
 
-    def body(comm: Comm) -> Any:
+    def body(comm: Comm, roles: distsgd.Roles) -> Any:
         model = make_model()
-        if distsgd.is_server(algorithm, comm):
+        if roles.is_server(comm.rank):
             return distsgd.serve(model, algorithm, lr=lr, comm=comm)
         opt = distsgd.DistributedOptimizer(model, torch.optim.SGD(model.parameters(), lr=lr),
                                            algorithm, comm=comm, seed=3)
@@ -58,7 +60,7 @@ def simulate(n: int, algorithm: distsgd.Algorithm, steps: int, *, lr: float = 0.
         opt.finish()
         return opt
 
-    return world, world.run(body)
+    return world, distsgd.simulate_ranks(algorithm, n, body, world=world)
 
 
 def workers_of(results: list[Any]) -> list[distsgd.DistributedOptimizer]:
@@ -78,7 +80,7 @@ def plain_sgd(steps: int, lr: float = 0.1, worker: int = 0) -> torch.Tensor:
 
 def server_model(results: list[Any]) -> torch.Tensor:
     opt = workers_of(results)[0]
-    x, _ = opt.state.client.snapshot()
+    x, _ = opt.algorithm_state.client.snapshot()
     return x
 
 
@@ -169,6 +171,53 @@ def test_downpour_variant_server_rules(variant: str) -> None:
         torch.testing.assert_close(algo.server_evaluated(shard), z)
 
 
+# ---------------------------------------------------------------------- service requests
+def test_service_requests_by_message_answer_what_the_simulator_reads_in_place(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SERVICE message (real processes) and the in-place read (simulator) give the same
+    snapshot and checkpoint state, bit for bit, and neither counts a byte. One worker, so that no
+    other push can reach the server between the two reads."""
+    seen: list[tuple[Any, Any]] = []
+
+    def both_ways(world: SimWorld, opt: distsgd.DistributedOptimizer) -> None:
+        client, comm = opt.algorithm_state.client, opt.ctx.comm
+        before = comm.bytes_sent
+        in_place = client.snapshot(), client.server_states()
+        asked: list[int] = []  # the servers asked by message
+        with monkeypatch.context() as m:
+            m.setattr(type(comm), "observe", lambda self, rank, key: None)
+            m.setattr(wire, "recv_service_reply",
+                      lambda comm, src, real=wire.recv_service_reply: (asked.append(src),
+                                                                       real(comm, src))[1])
+            by_message = client.snapshot(), client.server_states()
+        assert asked == [0, 1, 0, 1]  # each shard, for the snapshot then the checkpoint
+        assert comm.bytes_sent == before  # the servers' counts are in what they answered
+        seen.append((in_place, by_message))
+
+    simulate(1, distsgd.create("downpour", variant="average", shards=2), steps=3,
+             watch=both_ways)
+    assert len(seen) == 3
+    for ((x, figures), states), ((y, figures_y), states_y) in seen:
+        assert torch.equal(x, y) and figures == figures_y
+        assert torch.equal(checkpoint.to_bytes(states[0]), checkpoint.to_bytes(states_y[0]))
+        assert torch.equal(checkpoint.to_bytes(states[1]), checkpoint.to_bytes(states_y[1]))
+    assert not torch.equal(seen[0][0][0][0], seen[-1][0][0][0])  # the server did move
+
+
+@pytest.mark.parametrize("request_number, problem", [
+    (len(SERVICES), f"unknown service request {len(SERVICES)}; valid: 0..{len(SERVICES) - 1}"),
+    (0.5, "kind, version and count must be whole numbers"),
+])
+def test_a_server_rejects_an_unknown_service_request(request_number: float,
+                                                     problem: str) -> None:
+    header = torch.tensor([SERVICE, 0, 0, request_number], dtype=torch.float64)
+    assert check_header(torch.tensor([SERVICE, 0, 0, 1], dtype=torch.float64), version=0,
+                        size=10, src=1, rank=0).number == SERVICES.index("checkpoint")
+    with pytest.raises(ProtocolError, match=re.escape(
+            f"server rank 0 rejected a header from rank 1: {problem}")):
+        check_header(header, version=0, size=10, src=1, rank=0)
+
+
 # ------------------------------------------------------------------------- gossip (gosgd)
 def _in_flight(world: SimWorld) -> list[tuple[torch.Tensor, float]]:
     slots = mixing.weight_slots(torch.float32)
@@ -186,7 +235,7 @@ def test_gosgd_weights_in_flight_included_sum_to_exactly_one() -> None:
     def watch(world: SimWorld, opt: distsgd.DistributedOptimizer) -> None:
         opts[opt.ctx.index] = opt
         if len(opts) == 4:
-            weights = [o.state.weight for o in opts.values()]
+            weights = [o.algorithm_state.weight for o in opts.values()]
             weights += [a for _, a in _in_flight(world)]
             sums.append(sum(weights))
 
@@ -204,7 +253,7 @@ def test_gosgd_without_gradients_conserves_the_weighted_sum_and_converges() -> N
         opts[opt.ctx.index] = opt
         if len(opts) < 4:
             return
-        pairs = [(o.ctx.flat.get().double(), o.state.weight) for o in opts.values()]
+        pairs = [(o.ctx.flat.get().double(), o.algorithm_state.weight) for o in opts.values()]
         pairs += [(x.double(), a) for x, a in _in_flight(world)]
         total = sum(a * x for x, a in pairs)
         records.append((total, mixing.consensus_distance([x for x, _ in pairs[:4]])))

@@ -4,6 +4,7 @@ within a stated tolerance on real processes, and clear errors that change nothin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -61,7 +62,7 @@ def test_stopped_and_resumed_run_is_bit_identical(algorithm: str, tmp_path: Path
     # Every worker's parameters bit for bit, and every metrics field (virtual time, bytes,
     # staleness, consensus distance) except the real time.
     _assert_identical(checkpointed, resumed)
-    if algorithm != "gosgd":  # only gossip pushes can be on their way at a checkpoint
+    if algorithm not in ("gosgd", "adpsgd"):  # only gossip can have messages on their way
         saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
         assert all(rank["inbox"] == [] for rank in saved["world"]["ranks"])
     if REGISTRY[algorithm].synchronous:
@@ -159,6 +160,23 @@ def test_state_walk_round_trips_generators_sets_and_nested_dataclasses() -> None
     assert np.array_equal(restored["rng"].random(4), expected)
     assert restored["live"] == {1, 2} and restored["n"] is None
     assert isinstance(restored["pair"], tuple) and torch.equal(restored["pair"][0], torch.ones(2))
+
+
+def test_restoring_a_field_the_state_does_not_have_is_an_error() -> None:
+    # E.g. a parameter-server client's state from before its `extra` became a typed field: set as
+    # a stray attribute, it would leave the real field at its initial value without a word.
+    @dataclasses.dataclass
+    class Elastic:
+        anchor: torch.Tensor
+        momentum: torch.Tensor
+
+    state = Elastic(torch.zeros(2), torch.zeros(2))
+    with pytest.raises(CheckpointError, match="Elastic has field 'extra'; valid fields: "
+                                              "anchor, momentum"):
+        checkpoint.restore(state, {"anchor": torch.ones(2), "extra": torch.ones(2)})
+    restored = checkpoint.restore(state, checkpoint.capture(Elastic(torch.ones(2),
+                                                                    torch.full((2,), 3.0))))
+    assert torch.equal(restored.momentum, torch.full((2,), 3.0))
 
 
 @pytest.mark.parametrize("damage", ["short", "truncated", "padded", "deep", "bad-dtype"])

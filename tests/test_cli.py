@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from distsgd import cli
+from distsgd import algorithms, cli
 from distsgd.metrics import METRIC_FIELDS, SUMMARY_FIELDS
 
 pytestmark = pytest.mark.timeout(120)
+
+CHOICES = ", ".join(sorted(algorithms.REGISTRY))  # every algorithm, in the order errors list them
 
 
 def test_short_run_writes_the_run_folder(
@@ -55,8 +57,6 @@ def test_set_is_typed_from_the_config(tmp_path: Path) -> None:
 
 
 def test_list_documents_every_algorithm(capsys: pytest.CaptureFixture[str]) -> None:
-    from distsgd import algorithms
-
     assert cli.main(["list"]) == 0
     text = capsys.readouterr().out
     for name, cls in algorithms.REGISTRY.items():
@@ -65,13 +65,14 @@ def test_list_documents_every_algorithm(capsys: pytest.CaptureFixture[str]) -> N
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--algorithm", "allreduse"], "unknown algorithm 'allreduse'; valid choices: allreduce"),
-    (["--workers", "0"], "workers=0 is out of range: valid values lie in [1, inf)"),
+    (["--algorithm", "allreduse"], "unknown algorithm 'allreduse' (did you mean 'allreduce'?); "
+                                   f"valid choices: {CHOICES}\n"),
+    (["--workers", "0"], "workers=0 is out of range: valid values lie in [1, 4096]"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'; valid choices: digits, fashion-mnist"),
     (["--model", "vgg"], "unknown model 'vgg'; valid choices: mlp, cnn"),
     (["-a", "local-sgd", "--set", "period=0"], "period=0 is out of range"),
-    (["-a", "local-sgd", "--set", "perod=3"], "no hyperparameter 'perod'; valid hyperparameters: "
-                                              "period"),
+    (["-a", "local-sgd", "--set", "perod=3"], "no hyperparameter 'perod' (did you mean "
+                                              "'period'?); valid hyperparameters: period"),
     (["-a", "local-sgd", "--set", "period=two"], "period='two' is not a valid int"),
     (["-a", "easgd", "--set", "beta=1.5"], "beta=1.5 is out of range: valid values lie in [0, 1]"),
     (["--set", "period"], "is not NAME=VALUE"),
@@ -105,4 +106,4 @@ def test_the_installed_command_reports_errors_without_traceback() -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("distsgd: error: workers=0 is out of range: valid values lie in "
-                                   "[1, inf)")
+                                   "[1, 4096]")

@@ -20,7 +20,7 @@ import torch
 
 from distsgd.comm.base import Comm, nbytes, ring_allreduce_bytes, tree_broadcast_children
 from distsgd.comm.sim import SimWorld
-from distsgd.errors import CommTimeout, DeadlockError, WorkerFailure
+from distsgd.errors import CommTimeout, DeadlockError, UsageError, WorkerFailure
 from distsgd.launch import launch
 
 pytestmark = pytest.mark.timeout(180)
@@ -222,9 +222,72 @@ def usage_checks(comm: Comm) -> Any:
     return isinstance(comm, Comm), comm.rank, comm.world_size, errors
 
 
+def supervision(comm: Comm) -> Any:
+    """Steps are noted without a message or a byte (the launcher records them on processes),
+    and in a healthy run nobody has died: deaths() is empty on both backends."""
+    for step in range(3):
+        comm.note_step(step)
+    return comm.deaths()
+
+
+def exchange_rounds(comm: Comm) -> Any:
+    """exchange: every rank sends to its two successors and receives from its two predecessors,
+    messages of every kind (0-d, empty, bool, complex, a non-contiguous send and receive), over
+    several rounds; what each sends is changed at once (sends are copied)."""
+    got = []
+    for step in range(4):
+        me = comm.rank
+        tensors = [torch.full((50 + step,), 10.0 * me + step), torch.tensor(me + 0.5),
+                   torch.empty(0), torch.tensor([me % 2 == 0, True]),
+                   torch.tensor([me + 1j], dtype=torch.complex64),
+                   torch.arange(12.0).reshape(3, 4).t() + me]
+        sends = [(t, (me + k) % N) for k in (1, 2) for t in tensors]
+        outs = [torch.empty(t.shape, dtype=t.dtype) for _ in (1, 2) for t in tensors]
+        outs[-1] = torch.empty(3, 4).t()  # a non-contiguous receive
+        recvs = [(o, (me - 1 - i // len(tensors)) % N) for i, o in enumerate(outs)]
+        assert comm.exchange(sends, recvs) == (frozenset(), frozenset())
+        for t in tensors:
+            t.zero_()
+        got.append([o.tolist() for o in outs])
+    return got
+
+
+def exchange_beside_mailbox(comm: Comm) -> Any:
+    """exchange's messages and send/recv's do not mix: each is received by its own verb, in
+    order, whichever was sent first; an empty exchange does nothing."""
+    assert comm.exchange([], []) == (frozenset(), frozenset())
+    if comm.rank == 1:
+        comm.send(torch.tensor([1.0]), 0)
+        comm.exchange([(torch.tensor([2.0]), 0), (torch.tensor([3.0, 3.0]), 0)], [])
+        comm.send(torch.tensor([4.0]), 0)
+        return None
+    if comm.rank == 0:
+        a, b, c, d = torch.empty(1), torch.empty(1), torch.empty(2), torch.empty(1)
+        comm.recv(a, 1)
+        comm.exchange([], [(b, 1), (c, 1)])
+        comm.recv(d, 1)
+        return [a.tolist(), b.tolist(), c.tolist(), d.tolist()]
+    return None
+
+
+def exchange_usage(comm: Comm) -> Any:
+    """Bad exchange arguments are ValueErrors before anything is sent, on both backends."""
+    errors = []
+    one = torch.zeros(1)
+    for sends, recvs in (([(one, comm.rank)], []), ([], [(one, None)]), ([(one, N)], []),
+                         ([(one, 1, 2)], []), ([], [(one, -1)]), ([(one, True)], [])):
+        try:
+            comm.exchange(sends, recvs)  # type: ignore[arg-type]
+            errors.append("none")
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
 SCENARIOS: dict[str, Callable[[Comm], Any]] = {f.__name__: f for f in (
     p2p_fifo, any_source_sender, specific_source_first, send_copies_payload, special_tensors,
-    layout_mismatch, all_reduce, broadcast, sub_groups, uncounted, poll, usage_checks)}
+    layout_mismatch, all_reduce, broadcast, sub_groups, uncounted, poll, usage_checks,
+    supervision, exchange_rounds, exchange_beside_mailbox, exchange_usage)}
 
 
 def run_all(comm: Comm) -> dict[str, Any]:
@@ -286,6 +349,22 @@ def test_byte_counts_follow_the_conventions(sim_results: list) -> None:
     assert sim_results[1]["p2p_fifo"][1] == {"send": sum(4 * rng.randrange(1, 300)
                                                          for _ in range(25))}
     assert sim_results[0]["uncounted"][0] == ("ok", (True, nbytes(torch.zeros(10))))
+    # exchange counts as send: every byte it sends, once
+    assert sim_results[1]["exchange_beside_mailbox"][1] == {"send": 4 * 5}
+
+
+def test_the_simulator_has_no_reports_channel_its_ranks_observe_instead() -> None:
+    def body(comm: Comm) -> Any:
+        comm.expose("x", lambda: comm.rank * 10)
+        comm.barrier()
+        with pytest.raises(UsageError, match="no reports channel; read other ranks' state with "
+                                             r"observe\(rank, key\)"):
+            comm.send_report(torch.zeros(1), 1 - comm.rank)
+        with pytest.raises(UsageError, match="no reports channel"):
+            comm.recv_report(torch.zeros(1), 1 - comm.rank)
+        return comm.observe(1 - comm.rank, "x")
+
+    assert SimWorld(2).run(body) == [10, 0]
 
 
 # --------------------------------------------------------------------------- timeouts

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from distsgd import cli, compare, runtime
+from distsgd import algorithms, cli, compare, runtime
 from distsgd.config import RunConfig
 from distsgd.errors import UsageError
 
 pytestmark = pytest.mark.timeout(60)
 
+CHOICES = ", ".join(sorted(algorithms.REGISTRY))  # every algorithm, in the order errors list them
 TINY = {"steps": 4, "model": "mlp", "eval_every": 2}
 TINY_FLAGS = ["--steps", "4", "--model", "mlp", "--option", "eval_every=2", "--workers", "2"]
 
@@ -48,7 +49,8 @@ class Runs:
 
 
 def _summary(cell: Path) -> dict[str, Any]:
-    return json.loads((cell / "summary.json").read_text())
+    summary: dict[str, Any] = json.loads((cell / "summary.json").read_text())
+    return summary
 
 
 def test_cells_collapse_axes_an_algorithm_lacks(tmp_path: Path) -> None:
@@ -224,7 +226,8 @@ def test_resume_reruns_only_incomplete_or_outdated_cells(
     ("[run]\nsteps = 2.5\n[grid]\nalgorithm = 'sgp'", "run.steps=2.5 is not a valid int"),
     ("[run]\nworkers = 2\n[grid]\nalgorithm = 'sgp'", "workers is an axis: put it in [grid]"),
     ("[run]\nsteps = 2\n[grid]\nalgorithm = 'sgp'\nsteps = [4]", "steps is both in [run] and"),
-    ("[grid]\nalgorithm = ['sgp', 'sdg']", "unknown algorithm 'sdg'; valid choices: allreduce"),
+    ("[grid]\nalgorithm = ['sgp', 'sdg']", "unknown algorithm 'sdg' (did you mean 'sgp'?); "
+                                           f"valid choices: {CHOICES}\n"),
     ("[grid]\nworkers = 2", "grid.algorithm is missing"),
     ("[grid]\nalgorithm = ['sgp', 'easgd']\n[grid.hyperparameters]\nperod = [1]",
      "no algorithm of the grid (sgp, easgd) has hyperparameter 'perod'; valid hyperparameters: "

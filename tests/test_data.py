@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from distsgd import data
-from distsgd.data import Dataset
+from distsgd.data import Dataset, cifar, fashion
 from distsgd.errors import UsageError
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,8 +41,8 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     missing = (tmp_path / "no-such-server").as_uri()
-    monkeypatch.setattr(data, "FASHION_URL", missing + "/")
-    monkeypatch.setattr(data, "CIFAR10_URL", missing + "/cifar-10-binary.tar.gz")
+    monkeypatch.setattr(fashion, "FASHION_URL", missing + "/")
+    monkeypatch.setattr(cifar, "CIFAR10_URL", missing + "/cifar-10-binary.tar.gz")
     monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "env-cache"))
 
 
@@ -156,7 +156,7 @@ def test_fashion_mnist_from_debian_folder(tmp_path: Path) -> None:
 
 
 def test_fashion_mnist_from_cache_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion, "FASHION_SYSTEM_DIR", tmp_path / "absent")
     arrays = _tiny_fashion(tmp_path / "cache" / "fashion-mnist")
     ds = data.load("fashion-mnist", data_dir=tmp_path / "cache", download=False)
     assert ds.input_shape == (1, 28, 28)
@@ -167,7 +167,7 @@ def test_fashion_mnist_from_cache_folder(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def test_fashion_mnist_uses_env_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion, "FASHION_SYSTEM_DIR", tmp_path / "absent")
     _tiny_fashion(tmp_path / "env-cache" / "fashion-mnist")
     assert data.load("fashion-mnist", download=False).x_train.shape == (12, 1, 28, 28)
 
@@ -175,7 +175,7 @@ def test_fashion_mnist_uses_env_cache(monkeypatch: pytest.MonkeyPatch, tmp_path:
 @pytest.mark.parametrize("damage", ["magic", "truncated", "not-gzip"])
 def test_fashion_mnist_corrupt_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                     damage: str) -> None:
-    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion, "FASHION_SYSTEM_DIR", tmp_path / "absent")
     folder = tmp_path / "fashion-mnist"
     _tiny_fashion(folder)
     victim = folder / "train-images-idx3-ubyte.gz"
@@ -192,7 +192,7 @@ def test_fashion_mnist_corrupt_file(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 def test_fashion_mnist_missing_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch,
                                                   tmp_path: Path) -> None:
-    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion, "FASHION_SYSTEM_DIR", tmp_path / "absent")
     for allow in (False, True):  # True: the download from the missing file:// URL fails
         with pytest.raises(UsageError, match=r"apt-get install dataset-fashion-mnist") as err:
             data.load("fashion-mnist", data_dir=tmp_path / "cache", download=allow)
@@ -202,11 +202,12 @@ def test_fashion_mnist_missing_says_how_to_get_it(monkeypatch: pytest.MonkeyPatc
 
 def test_fashion_mnist_download_verifies_and_caches(monkeypatch: pytest.MonkeyPatch,
                                                     tmp_path: Path) -> None:
-    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion, "FASHION_SYSTEM_DIR", tmp_path / "absent")
     server = tmp_path / "server"
     _tiny_fashion(server)
-    monkeypatch.setattr(data, "FASHION_URL", server.as_uri() + "/")
-    monkeypatch.setattr(data, "FASHION_FILES", {f: _md5(server / f) for f in data.FASHION_FILES})
+    monkeypatch.setattr(fashion, "FASHION_URL", server.as_uri() + "/")
+    monkeypatch.setattr(fashion, "FASHION_FILES",
+                        {f: _md5(server / f) for f in data.FASHION_FILES})
     ds = data.load("fashion-mnist", data_dir=tmp_path / "cache")
     assert ds.x_train.shape == (12, 1, 28, 28)
     assert sorted(p.name for p in (tmp_path / "cache" / "fashion-mnist").iterdir()) == sorted(
@@ -274,8 +275,8 @@ def test_cifar10_download_and_extract(monkeypatch: pytest.MonkeyPatch, tmp_path:
     archive = tmp_path / "cifar-10-binary.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(staging / data.CIFAR10_FOLDER, arcname=data.CIFAR10_FOLDER)
-    monkeypatch.setattr(data, "CIFAR10_URL", archive.as_uri())
-    monkeypatch.setattr(data, "CIFAR10_MD5", _md5(archive))
+    monkeypatch.setattr(cifar, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(cifar, "CIFAR10_MD5", _md5(archive))
     ds = data.load("cifar10", data_dir=tmp_path / "cache")
     assert ds.x_train.shape == (100, 3, 32, 32)
     assert [p.name for p in (tmp_path / "cache" / "cifar10").iterdir()] == [data.CIFAR10_FOLDER]

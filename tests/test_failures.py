@@ -29,15 +29,13 @@ from torch import nn
 import distsgd
 from distsgd import cli, launch, mixing
 from distsgd.algorithms.base import WorkerContext
-from distsgd.algorithms.downpour import Downpour
-from distsgd.algorithms.ps import PUSH, PUSH_SPARSE, Shard
+from distsgd.algorithms.ps import PUSH, PUSH_SPARSE, check_header
 from distsgd.algorithms.sgp import SGP
 from distsgd.comm.base import Comm, Group
-from distsgd.comm.torch import _HEADER_LEN, _HEADER_TAG, _MAGIC, parse_header
+from distsgd.comm.torch.wire import HEADER_LEN, HEADER_TAG, MAGIC, parse_header
 from distsgd.errors import PeerDied, ProtocolError, UsageError, WorkerFailure
 from distsgd.optimizer import serve
 
-DOWNPOUR = Downpour()
 SEED = 20261121  # the kill steps are drawn from it; printed with every failure
 
 
@@ -92,12 +90,12 @@ def test_a_killed_worker_ends_the_run_naming_its_rank_and_last_step(
 
 # ---------------------------------------------------------------- --on-failure continue
 def test_continue_is_refused_for_algorithms_whose_survivors_cannot_carry_on() -> None:
-    for algorithm in ("allreduce", "local-sgd", "easgd", "crossover"):
+    for algorithm in ("allreduce", "local-sgd", "easgd", "crossover", "diloco", "powersgd"):
         with pytest.raises(UsageError) as info:
             distsgd.RunConfig.create(algorithm=algorithm, on_failure="continue")
         assert str(info.value) == (
             f"on_failure 'continue' does not support {algorithm!r}; valid algorithms: "
-            "async-sparse, downpour, eamsgd, easgd-async, gosgd, sgp, ssp")
+            "adpsgd, async-sparse, downpour, eamsgd, easgd-async, gosgd, sgp, ssp")
     with pytest.raises(UsageError, match="unknown on_failure 'retry'; valid choices: stop, "
                                          "continue"):
         distsgd.RunConfig.create(algorithm="sgp", on_failure="retry")
@@ -138,8 +136,8 @@ CONTINUE = [("gosgd", 30), ("sgp", 8), ("downpour", 15), ("easgd-async", 15),
 def test_survivors_finish_and_reach_the_bar_after_a_worker_dies(
     algorithm: str, epochs: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    servers = 0 if algorithm in ("gosgd", "sgp") else 1
-    victim = servers + 2  # neither a server nor the evaluating worker (the first worker)
+    roles = distsgd.Roles.of(algorithm, 4)
+    victim = roles.workers[2]  # neither a server nor the evaluating worker (the first worker)
     step = _kill_step(algorithm, 30, 50)
     monkeypatch.setenv("DISTSGD_KILL", f"{victim}:{step}")
     result = distsgd.train(algorithm=algorithm, workers=4, backend="processes", epochs=epochs,
@@ -151,7 +149,7 @@ def test_survivors_finish_and_reach_the_bar_after_a_worker_dies(
     assert failed == {"rank": victim, "worker": 2, "last_step": step}, context
     assert 0 < died < summary["real_time_s"], context  # on the metrics' clock
     assert sorted(w.rank for w in result.workers) == sorted(
-        set(range(servers + 4)) - {victim}), context
+        set(range(roles.world_size)) - {victim}), context
     assert summary["steps"] > step and summary["test_accuracy"] >= 0.90, context
     last = result.metrics[-1]
     assert last["bytes_sent_per_worker"][2] > 0  # its bytes up to its last report are kept
@@ -206,6 +204,22 @@ class _NetComm:
                 raise PeerDied(f"rank {src} is dead", src)
             out.copy_(queue.popleft())
             return src
+
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+                 timeout: float | None = None) -> tuple[frozenset[int], frozenset[int]]:
+        """As TorchComm's: dead peers are skipped and returned (unsent, unfilled)."""
+        unsent, unfilled = set(), set()
+        for tensor, dst in sends:
+            try:
+                self.send(tensor, dst)
+            except PeerDied:
+                unsent.add(dst)
+        for out, src in recvs:
+            try:
+                self.recv(out, src)
+            except PeerDied:
+                unfilled.add(src)
+        return frozenset(unsent), frozenset(unfilled)
 
 
 def _model(rank: int) -> nn.Module:
@@ -270,8 +284,8 @@ def _forge(comm: Comm, case: str) -> None:
     """Rank 1 sends rank 0 one forged message; rank 0 receives; the run must end with rank 0's
     ProtocolError naming rank 1 (see the test)."""
     if comm.rank == 1:
-        header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
-        header[0], header[1], header[2], header[3], header[-1] = _MAGIC, 0, 0, 1, _MAGIC
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        header[0], header[1], header[2], header[3], header[-1] = MAGIC, 0, 0, 1, MAGIC
         header[5] = 3  # a float32 tensor of shape (3,), the first message from rank 1 ...
         if case == "magic":
             header[0] = 0x1234
@@ -288,7 +302,7 @@ def _forge(comm: Comm, case: str) -> None:
         if case == "layout":  # a well-formed message, of another dtype than the receiver's
             comm.send(torch.zeros(3, dtype=torch.float64), 0)
         else:
-            dist.isend(header, 0, tag=_HEADER_TAG).wait()
+            dist.isend(header, 0, tag=HEADER_TAG).wait()
         return
     comm.recv(torch.empty(3), src=1, timeout=60)
 
@@ -311,7 +325,7 @@ def test_a_forged_message_is_a_protocol_error_naming_the_sender(case: str, probl
 
 def _header_values(**changes: int) -> list[int]:
     """A valid header of a float32 tensor of shape (3,), with `changes` at named positions."""
-    header = [_MAGIC, 0, 0, 1, 0, 3] + [0] * (_HEADER_LEN - 7) + [_MAGIC]
+    header = [MAGIC, 0, 0, 1, 0, 3] + [0] * (HEADER_LEN - 7) + [MAGIC]
     where = {"magic": 0, "kind": 1, "code": 2, "ndim": 3, "dim0": 5, "dim1": 6, "trailer": -1}
     for name, value in changes.items():
         header[where[name]] = value
@@ -370,11 +384,11 @@ def test_a_forged_header_to_a_server_is_a_protocol_error_naming_the_sender() -> 
     ([PUSH, 0, float("nan"), 0], "its clock is NaN"),
 ])
 def test_a_server_checks_every_header_field(header: list[float], problem: str) -> None:
-    shard = Shard(torch.zeros(10), 0, 10, (1, 2))
     valid = torch.tensor([PUSH_SPARSE, 0, -math.inf, 10], dtype=torch.float64)
-    assert DOWNPOUR._check_header(valid, shard, 1, 0) == (PUSH_SPARSE, 0, -math.inf, 10)
+    server = dict(version=0, size=10, rank=0)  # a fresh server of a 10-element shard
+    assert check_header(valid, src=1, **server) == (PUSH_SPARSE, 0, -math.inf, 10)
     with pytest.raises(ProtocolError) as info:
-        DOWNPOUR._check_header(torch.tensor(header, dtype=torch.float64), shard, 2, 0)
+        check_header(torch.tensor(header, dtype=torch.float64), src=2, **server)
     assert str(info.value).startswith("server rank 0 rejected a header from rank 2: ")
     assert problem in str(info.value)
 

@@ -15,16 +15,9 @@ import pytest
 import torch
 
 from distsgd.comm.base import Comm, current
+from distsgd.comm.torch.group import file_rendezvous, free_port, from_torchrun_env, is_torchrun
 from distsgd.errors import PeerDied, UsageError, WorkerFailure
-from distsgd.launch import (
-    deaths,
-    file_rendezvous,
-    free_port,
-    from_torchrun_env,
-    is_torchrun,
-    launch,
-    note_step,
-)
+from distsgd.launch import launch
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.processes]
 
@@ -224,12 +217,12 @@ def outlive_rank_two(comm: Comm) -> dict[str, Any]:
     (rank 0 sends nothing before rank 1 has looked, so that recv has no message to deliver)."""
     comm.barrier()
     for step in range(3):
-        note_step(step)
+        comm.note_step(step)
     seen: dict[str, Any] = {}
     deadline = time.monotonic() + 60
-    while not deaths() and time.monotonic() < deadline:
+    while not comm.deaths() and time.monotonic() < deadline:
         time.sleep(0.05)
-    seen["deaths"] = {r: last for r, (last, _) in deaths().items()}
+    seen["deaths"] = {r: last for r, (last, _) in comm.deaths().items()}
     checks = [("send", lambda: comm.send(torch.ones(2), 2)),
               ("recv", lambda: comm.recv(torch.empty(2), src=2))]
     if comm.rank == 1:

@@ -1,9 +1,10 @@
-"""Multi-machine runs on real (namespaced) hosts: torchrun on 2 hosts × 2 processes.
+"""Multi-machine runs on real (namespaced) hosts: torchrun on 2 hosts × 2 processes, and on
+4 hosts × 1 joined by a bridge.
 
-Each host is a network namespace with its own interface (`distsgd.netns`); the two are joined by a
-veth pair, and torchrun on each host meets the other through a c10d rendezvous on host 0's
-address, as on two machines. Needs root and iproute2 (CI runs as root); skipped, saying why,
-where namespaces cannot be created.
+Each host is a network namespace with its own interface (`distsgd.testing.netns`); two are
+joined by a veth pair, four by a bridge in a switch namespace, and torchrun on each host meets
+the others through a c10d rendezvous on host 0's address, as on separate machines. Needs root
+and iproute2 (CI runs as root); skipped, saying why, where namespaces cannot be created.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from distsgd import netns
 from distsgd.config import RunConfig
 from distsgd.runtime import run
+from distsgd.testing import netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(900)]
 
@@ -42,14 +43,23 @@ HEADER_BYTES = {"ssp": 32}
 SAME_MODEL = {"allreduce", "sgp", "crossover"}  # synchronous: the model does not depend on timing
 
 
-@pytest.fixture(scope="module")
-def hosts() -> Iterator[netns.Hosts]:
+def _hosts(count: int) -> Iterator[netns.Hosts]:
     reason = netns.unavailable()
     if reason is not None:
         pytest.skip(f"cannot create network namespaces: {reason}")
-    with netns.Hosts(2) as h:
+    with netns.Hosts(count) as h:
         yield h
     assert not set(netns.namespaces()) & {x.netns for x in h.hosts}, "namespaces left behind"
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[netns.Hosts]:
+    yield from _hosts(2)
+
+
+@pytest.fixture(scope="module")
+def four_hosts() -> Iterator[netns.Hosts]:
+    yield from _hosts(4)
 
 
 def _train_args(algorithm: str, workers: int, hp: dict[str, Any], out: Path) -> list[str]:
@@ -73,12 +83,28 @@ def _ranks_by_host(outputs: list[subprocess.CompletedProcess[str]]) -> list[list
 @pytest.mark.parametrize(("algorithm", "workers", "hp"), CASES, ids=[c[0] for c in CASES])
 def test_two_hosts(hosts: netns.Hosts, tmp_path: Path, algorithm: str, workers: int,
                    hp: dict[str, Any]) -> None:
+    ranks = _run_and_check(hosts, 2, tmp_path, algorithm, workers, hp)
+    assert len(ranks[0]) == 2
+
+
+@pytest.mark.parametrize("algorithm", ["allreduce", "sgp"])
+def test_four_hosts(four_hosts: netns.Hosts, tmp_path: Path, algorithm: str) -> None:
+    """One process on each of 4 hosts behind a bridge: every message crosses it."""
+    ranks = _run_and_check(four_hosts, 1, tmp_path, algorithm, 4, {})
+    assert all(len(r) == 1 for r in ranks)
+
+
+def _run_and_check(hosts: netns.Hosts, per_host: int, tmp_path: Path, algorithm: str,
+                   workers: int, hp: dict[str, Any]) -> list[list[int]]:
+    """Train on `hosts` with torchrun and check the run against the simulator; the ranks each
+    host ran."""
     out = tmp_path / "run"
-    outputs = netns.torchrun(hosts, _train_args(algorithm, workers, hp, out), 2, JOB_TIMEOUT)
+    outputs = netns.torchrun(hosts, _train_args(algorithm, workers, hp, out), per_host,
+                             JOB_TIMEOUT)
     for i, done in enumerate(outputs):
         assert done.returncode == 0, f"host {i}: torchrun failed:\n{done.stdout[-4000:]}"
     ranks = _ranks_by_host(outputs)
-    assert sorted(ranks[0] + ranks[1]) == [0, 1, 2, 3] and len(ranks[0]) == 2
+    assert sorted(r for host in ranks for r in host) == list(range(hosts.count * per_host))
 
     summary = json.loads((out / "summary.json").read_text())
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -108,6 +134,7 @@ def test_two_hosts(hosts: netns.Hosts, tmp_path: Path, algorithm: str, workers: 
     if algorithm == "crossover":
         # The groups are the hosts.
         assert sorted(last["groups"]) == sorted(sorted(r) for r in ranks)
+    return ranks
 
 
 def test_cleanup_after_failure() -> None:
@@ -126,7 +153,7 @@ def test_cleanup_after_failure() -> None:
     assert not names & set(netns.namespaces())
 
     # SIGTERM to the process that holds the hosts: its context manager still cleans up.
-    script = ("import sys, time; from distsgd import netns\n"
+    script = ("import sys, time; from distsgd.testing import netns\n"
               "with netns.Hosts(2) as h:\n"
               "    h.popen(0, ['sleep', '600'])\n"
               "    print(' '.join(x.netns for x in h.hosts), flush=True)\n"
@@ -142,6 +169,19 @@ def test_cleanup_after_failure() -> None:
         holder.kill()
         holder.wait(timeout=60)
     assert not names & set(netns.namespaces())
+
+
+def test_bridge_cleanup() -> None:
+    """More than two hosts hang off a switch namespace; an error deletes it with the hosts."""
+    reason = netns.unavailable()
+    if reason is not None:
+        pytest.skip(f"cannot create network namespaces: {reason}")
+    before = set(netns.namespaces())
+    with pytest.raises(RuntimeError, match="boom"), netns.Hosts(3, rate=100e6) as h:
+        created = set(netns.namespaces()) - before
+        assert len(created) == 4 and {x.netns for x in h.hosts} < created  # 3 hosts, 1 switch
+        raise RuntimeError("boom")
+    assert not created & set(netns.namespaces())
 
 
 # ---------------------------------------------------- the simulator's model of machines
@@ -203,8 +243,29 @@ def test_crossover_groups_follow_the_machines() -> None:
         model = nn.Linear(4, 2)
         sgd = torch.optim.SGD(model.parameters(), lr=0.1)
         opt = DistributedOptimizer(model, sgd, Crossover(groups=-1), comm=comm)
-        return list(opt.state.members)
+        return list(opt.algorithm_state.members)
 
     placed = NetworkModel(hosts=(0, 1, 0, 1), host_link=Link())
     assert SimWorld(4, placed).run(members) == [[[0, 2], [1, 3]]] * 4
     assert SimWorld(3).run(members) == [[[0], [1], [2]]] * 3
+
+
+def test_sim_processes_share_the_cores(tmp_path: Path) -> None:
+    """--cores C: N simulated processes' compute takes max(1, N/C)× as long (what the network
+    benchmark's default calibration model charges for 4 processes on 2 cores)."""
+    from distsgd.comm.sim.compute import cpu_share
+    from distsgd.errors import UsageError
+
+    assert [cpu_share(4, 2), cpu_share(3, 2), cpu_share(2, 4), cpu_share(4, 0)] == [2, 1.5, 1, 1]
+
+    def clock(cores: int) -> float:
+        cfg = RunConfig.create(algorithm="local-sgd", workers=4, steps=4, compute_time="0.01",
+                               cores=cores, dataset="digits", model="mlp", eval_every=4,
+                               out=str(tmp_path / f"cores{cores}"))
+        return float(run(cfg).summary["virtual_time_s"])
+
+    alone = clock(0)
+    assert clock(2) == pytest.approx(alone + 4 * 0.01)  # 4 steps of 10 ms, each twice as long
+    assert clock(8) == pytest.approx(alone)  # more cores than processes: no slower
+    with pytest.raises(UsageError, match="cores"):
+        RunConfig.create(cores=-1)

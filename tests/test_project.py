@@ -121,7 +121,7 @@ def test_cli_prints_the_table_and_writes_the_plot(
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["-a", "allreduce,nope"], "valid choices: allreduce"),
+    (["-a", "allreduce,nope"], f"valid choices: {', '.join(sorted(algorithms.REGISTRY))}\n"),
     (["-n", "4,x"], "--workers '4,x' is not a list of whole numbers"),
     (["-n", "0"], "workers=0 is out of range"),
     (["--bandwidth", "0"], "bandwidth=0.0 is out of range"),

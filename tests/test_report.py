@@ -5,6 +5,7 @@ The runs are tiny (6 steps of an MLP on 2 workers): the report only needs their 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -15,11 +16,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
 
 import distsgd
 from distsgd import cli
 from distsgd.errors import UsageError
-from distsgd.report import Report, make_report
+from distsgd.report import Report, Run, make_report, plots, style
+from distsgd.report.table import COLUMNS
 
 pytestmark = pytest.mark.timeout(120)
 CHROMIUM = Path("/usr/bin/chromium")
@@ -103,10 +106,11 @@ def test_page_is_self_contained_and_escapes_folder_text(grid: Path, tmp_path: Pa
 def test_first_reaching_is_the_first_evaluation_past_the_target() -> None:
     from distsgd.report import first_reaching
 
-    metrics = [{"step": 0, "test_accuracy": 0.1, "test_loss": 2.0},
-               {"step": 2, "test_accuracy": None, "test_loss": None},  # not evaluated
-               {"step": 4, "test_accuracy": 0.5, "test_loss": 0.9},
-               {"step": 6, "test_accuracy": 0.4, "test_loss": 1.1}]
+    metrics: list[dict[str, Any]] = [
+        {"step": 0, "test_accuracy": 0.1, "test_loss": 2.0},
+        {"step": 2, "test_accuracy": None, "test_loss": None},  # not evaluated
+        {"step": 4, "test_accuracy": 0.5, "test_loss": 0.9},
+        {"step": 6, "test_accuracy": 0.4, "test_loss": 1.1}]
     assert first_reaching(metrics, "test_accuracy", 0.5) == metrics[2]  # >=, and the first
     assert first_reaching(metrics, "test_loss", 1.0, falls=True) == metrics[2]
     assert first_reaching(metrics, "test_accuracy", 0.6) is None
@@ -169,6 +173,124 @@ def test_a_broken_metrics_line_is_named(grid: Path, tmp_path: Path) -> None:
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
     with pytest.raises(UsageError, match=r"metrics.jsonl line 2 is not valid JSON"):
         make_report([run], tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: {**c, "hyperparameters": 5}, "hyperparameters=5 is not a valid dict"),
+    (lambda c: {**c, "workers": "four"}, "workers='four' is not a valid int"),
+    (lambda c: {**c, "algorithm": None}, "algorithm=None is not a valid str"),
+    (lambda c: {**c, "stragglers": [[0, "x"]]}, "stragglers="),
+    (lambda c: b"\xff\xfe{}", "config.json is not UTF-8 text"),
+])
+def test_a_damaged_config_is_one_line_and_writes_nothing(
+    damage: Any, message: str, grid: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(grid / "sgp", run)
+    config = damage(json.loads((run / "config.json").read_text()))
+    if isinstance(config, bytes):
+        (run / "config.json").write_bytes(config)
+    else:
+        (run / "config.json").write_text(json.dumps(config))
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_utf8_metrics_are_one_line(grid: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(grid / "sgp", run)
+    (run / "metrics.jsonl").write_bytes(b'{"step": 0}\n\xff\n')
+    with pytest.raises(UsageError, match=r"metrics\.jsonl is not UTF-8 text"):
+        make_report([run], tmp_path / "out")
+
+
+# --- how the figures tell series apart ----------------------------------------------------------
+
+def _fake_runs(count: int, low: float = 0.1, high: float = 0.9) -> list[Run]:
+    """`count` runs whose 8 evaluations send from `low` to `high` MB per worker."""
+    runs = []
+    for k in range(count):
+        metrics = [{"step": s, "bytes_sent": 2e6 * (low + (high - low) * s / 7) * (1 + k / 1e3),
+                    "test_accuracy": 0.1 * s + k / 100, "train_loss": 2 - 0.1 * s}
+                   for s in range(8)]
+        runs.append(Run(Path(f"run{k}"), {"algorithm": "sgp", "workers": 2}, metrics, {}, True,
+                        f"run {k}"))
+    return runs
+
+
+def test_twenty_series_each_have_their_own_colour_and_marker() -> None:
+    # Before: ten colours, then the same ten dashed; no markers beyond a dot.
+    fig = plots._curves(_fake_runs(20), "steps", [("test accuracy", lambda r: plots._series(
+        r.metrics, lambda m: m["step"], lambda m: m["test_accuracy"]))])
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 20
+    assert len({to_hex(line.get_color()) for line in lines}) == 20
+    assert len({line.get_marker() for line in lines}) == 20
+    assert len({(s["color"], s["marker"]) for s in map(style.series_style, range(40))}) == 20
+
+
+def test_projection_marks_series_that_coincide(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    from distsgd import project
+
+    saved: list[Any] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    names = sorted(distsgd.algorithms.REGISTRY)
+    flat = {"async-sparse", "downpour", "ssp"}  # one server: the same speed-up at every N
+    rows = [project.Projection(n, w, 1.0, 1.1 if n in flat else w * (0.3 + i / 30))
+            for i, n in enumerate(names) for w in (4, 8, 16)]
+    project.plot(rows, tmp_path / "p.png", project.Setting())
+    lines = [line for line in saved[0].axes[0].get_lines() if line.get_label() != "ideal (N)"]
+    assert len({to_hex(line.get_color()) for line in lines}) == len(names)
+    assert len({line.get_marker() for line in lines}) == len(names)
+    labels = {line.get_label() for line in lines}
+    assert {"async-sparse", "downpour (= async-sparse)", "ssp (= async-sparse)"} <= labels
+    sizes = [line.get_markersize() for line in lines if line.get_label().split()[0] in flat]
+    assert len(set(sizes)) == 3  # drawn over each other, each larger: all three show
+
+
+@pytest.mark.parametrize("low, high", [(0.3, 0.4), (0.21, 0.95), (0.05, 3.0), (0.02, 40.0),
+                                       (1e-4, 1e4), (3e-7, 2e5)])
+def test_log_axis_labels_never_overlap(low: float, high: float) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    def panel(y: str) -> Any:
+        return lambda run: plots._series(run.metrics, lambda m: m["bytes_sent"] / 2e6,
+                                         lambda m: m[y])
+
+    fig = plots._curves(_fake_runs(2, low, high), "MB sent per worker",
+                        [("test accuracy", panel("test_accuracy")),
+                         ("train loss", panel("train_loss"))], log_x=True)
+    fig.set_size_inches(8, 3.8)  # narrower than a report's: the labels have less room
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # type: ignore[no-untyped-call]
+    renderer = canvas.get_renderer()  # type: ignore[no-untyped-call]
+    for ax in fig.axes[:2]:
+        left, right = ax.get_xlim()
+        labels = [t for t in ax.xaxis.get_ticklabels(which="both")
+                  if t.get_visible() and t.get_text() and left <= t.get_position()[0] <= right]
+        shown = sorted((t.get_window_extent(renderer) for t in labels),
+                       key=lambda box: box.x0)
+        assert len(shown) >= 2, (low, high)
+        for a, b in itertools.pairwise(shown):
+            assert a.x1 + 2 <= b.x0, (low, high, a, b)
+
+
+def test_the_html_table_lists_only_non_default_hyperparameters() -> None:
+    column = next(get for heading, get, *_ in COLUMNS if heading == "hyperparameters")
+
+    def hps(algorithm: str, values: dict[str, Any]) -> str:
+        return str(column(Run(Path("r"), {}, [], {"algorithm": algorithm,
+                                                  "hyperparameters": values}, True)))
+
+    assert hps("easgd", {"period": 10, "beta": 0.9, "alpha": None}) == "defaults"
+    assert hps("easgd", {"period": 4, "beta": 0.9, "alpha": 0.25}) == "period=4, alpha=0.25"
+    assert hps("bygone", {"x": 1}) == "x=1"  # an algorithm this version lacks: all of them
+    assert hps("easgd", 5) == ""  # type: ignore[arg-type]
 
 
 # --- the page in a browser ----------------------------------------------------------------------

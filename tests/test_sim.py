@@ -6,12 +6,11 @@ No test sleeps: every wait is in virtual time.
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 import torch
 
-from distsgd.comm.base import nbytes, ring_allreduce_bytes, tree_broadcast_children
+from distsgd.comm.base import current, nbytes, ring_allreduce_bytes, tree_broadcast_children
 from distsgd.comm.sim import NetworkModel, SimComm, SimWorld
 from distsgd.comm.sim import world as sim
 from distsgd.errors import DeadlockError, UsageError, WorkerFailure
@@ -27,8 +26,10 @@ def _clock(comm: SimComm) -> float:
     return now
 
 
-def _sim_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("sim-worker-")]
+def _suspended(world: SimWorld) -> list[int]:
+    """Ranks whose worker is still suspended mid-run (started, not unwound): none once `run`
+    has returned or raised."""
+    return [w.rank for w in world._workers if w.greenlet]
 
 
 # ------------------------------------------------------------------------------ messages
@@ -177,14 +178,15 @@ def test_deadlock_names_every_workers_state() -> None:
         else:
             comm.recv(torch.empty(1), 1 - comm.rank)
 
+    world = SimWorld(4)
     with pytest.raises(DeadlockError) as info:
-        SimWorld(4).run(body)
+        world.run(body)
     message = str(info.value)
     assert "rank 0: blocked in recv from rank 1" in message
     assert "rank 1: blocked in recv from rank 0" in message
     assert "rank 2: blocked in barrier on group [2, 3] (1/2 arrived)" in message
     assert "rank 3: done" in message
-    assert not _sim_threads()
+    assert not _suspended(world)
 
 
 def test_a_failing_worker_is_named_and_every_thread_unwinds() -> None:
@@ -201,11 +203,12 @@ def test_a_failing_worker_is_named_and_every_thread_unwinds() -> None:
             if comm.rank == 0:
                 comm.barrier()  # a verb called while the world unwinds must not hang
 
+    world = SimWorld(3)
     with pytest.raises(WorkerFailure, match=r"simulated worker 2 failed at t=1s") as info:
-        SimWorld(3).run(body)
+        world.run(body)
     assert isinstance(info.value.__cause__, RuntimeError)
     assert sorted(cleaned) == [0, 1, 2]
-    assert not _sim_threads()
+    assert not _suspended(world)
 
 
 def test_a_deadlock_unwinds_workers_that_call_verbs_in_finally() -> None:
@@ -224,10 +227,11 @@ def test_a_deadlock_unwinds_workers_that_call_verbs_in_finally() -> None:
                 comm.send(torch.zeros(1), 0)
                 comm.barrier()
 
+    world = SimWorld(4)
     with pytest.raises(DeadlockError, match="rank 0: done at t=1s"):
-        SimWorld(4).run(body)
+        world.run(body)
     assert sorted(cleaned) == [1, 2, 3]
-    assert not _sim_threads()
+    assert not _suspended(world)
 
 
 def test_many_worlds_end_cleanly_whatever_the_outcome() -> None:
@@ -248,7 +252,7 @@ def test_many_worlds_end_cleanly_whatever_the_outcome() -> None:
         else:
             with pytest.raises(WorkerFailure if outcome == "fail" else DeadlockError):
                 world.run(lambda comm, o=outcome: body(comm, o))
-        assert not _sim_threads()
+        assert not _suspended(world)
 
 
 def test_usage_errors_keep_their_type() -> None:
@@ -265,6 +269,26 @@ def test_a_world_runs_once() -> None:
     assert world.run(lambda comm: comm.rank) == [0, 1]
     with pytest.raises(RuntimeError, match="runs once"):
         world.run(lambda comm: comm.rank)
+
+
+def test_each_worker_keeps_its_own_grad_mode_and_communicator() -> None:
+    """The workers share one thread, so what torch and distsgd keep per thread must follow each
+    worker across switches, and the caller's own must be as it was afterwards."""
+
+    def body(comm: SimComm) -> bool:
+        enabled = comm.rank % 2 == 0
+        with torch.set_grad_enabled(enabled):
+            for i in range(3):
+                comm.elapse(1e-3 * ((comm.rank + i) % 3))  # ranks interleave differently
+                comm.all_reduce_(torch.ones(1))
+                assert torch.is_grad_enabled() == enabled
+                assert current() is comm
+        return torch.is_grad_enabled()  # each worker starts with grad enabled, as a thread does
+
+    with torch.no_grad():
+        assert SimWorld(4).run(body) == [True] * 4
+        assert not torch.is_grad_enabled()
+    assert current() is None
 
 
 # -------------------------------------------------------------------------------- replay

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from distsgd.algorithms import register
 from distsgd.algorithms.base import Algorithm, WorkerContext, average_gradients_
+from distsgd.algorithms.registry import register
 
 
 @register

@@ -7,14 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 from distsgd import mixing
-from distsgd.algorithms import register
 from distsgd.algorithms.base import WorkerContext, hyperparameter
-from distsgd.algorithms.ps import (
-    ClientState,
-    ParameterServerAlgorithm,
-    Shard,
-    start_client,
-)
+from distsgd.algorithms.ps import ClientState, ParameterServerAlgorithm, Shard, connect
+from distsgd.algorithms.registry import register
 
 DECAYS = ("power", "inverse")
 
@@ -28,13 +23,20 @@ class Residual:
 
 
 @dataclass
+class SparseClientState(ClientState):
+    residual: Residual = field(kw_only=True)
+
+
+@dataclass
 class Velocity:
+    """The server's momentum V."""
+
     v: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 @register
 @dataclass(frozen=True)
-class AsyncSparse(ParameterServerAlgorithm):
+class AsyncSparse(ParameterServerAlgorithm[Velocity]):
     """Worker k: pull x̃ (version T_k); g = ∇f(x̃); acc ← acc + g; push the top-k of acc; acc ← γ ×
     (acc − sent). Server: τ = T − T_k; s ← decay(τ) s; V ← μV − ηs; x̃ ← x̃ + V; T ← T + 1.
 
@@ -65,15 +67,15 @@ class AsyncSparse(ParameterServerAlgorithm):
     def default_lr(self) -> float:
         return 0.05 * (1 - self.mu)  # the same effective step η / (1 − μ) as the others
 
-    def init(self, ctx: WorkerContext) -> ClientState:
-        state = start_client(ctx, self)
+    def init(self, ctx: WorkerContext) -> SparseClientState:
+        client, anchor = connect(ctx, self.bounded)
         n = ctx.flat.num_params
-        state.extra = Residual(torch.zeros(n, dtype=ctx.flat.dtype, device=ctx.flat.device),
-                               state.anchor[n:].clone())
-        return state
+        residual = Residual(torch.zeros(n, dtype=ctx.flat.dtype, device=ctx.flat.device),
+                            anchor[n:].clone())
+        return SparseClientState(client, anchor, residual=residual)
 
-    def after_backward(self, ctx: WorkerContext, state: ClientState) -> None:
-        r: Residual = state.extra
+    def after_backward(self, ctx: WorkerContext, state: SparseClientState) -> None:
+        r = state.residual
         r.acc.add_(ctx.flat.grad_buffer())
         if self.ratio >= 1.0:
             r.dense, r.pending = r.acc.clone(), None
@@ -85,10 +87,10 @@ class AsyncSparse(ParameterServerAlgorithm):
             r.acc[indices] = 0
         r.acc.mul_(self.gamma)
 
-    def after_step(self, ctx: WorkerContext, state: ClientState) -> None:
+    def after_step(self, ctx: WorkerContext, state: SparseClientState) -> None:
         # The local optimizer's step is discarded: the server owns η and μ. Sent: the gradient
         # part of the update, and the float buffers' change since the pull.
-        r: Residual = state.extra
+        r = state.residual
         n = ctx.flat.num_params
         buffers = (ctx.flat.buffer_values() - r.buffers).div_(ctx.workers)
         if r.dense is not None:
@@ -106,14 +108,15 @@ class AsyncSparse(ParameterServerAlgorithm):
         ctx.flat.set_(state.anchor)
 
     # -------------------------------------------------------------------- server side
-    def server_init(self, shard: Shard, ctx: WorkerContext) -> Velocity:
+    def server_init(self, shard: Shard[Velocity], ctx: WorkerContext) -> Velocity:
         return Velocity(torch.zeros(shard.num_params, dtype=shard.x.dtype, device=shard.x.device))
 
-    def apply(self, shard: Shard, update: torch.Tensor, tau: int, ctx: WorkerContext) -> None:
+    def apply(self, shard: Shard[Velocity], update: torch.Tensor, tau: int,
+              ctx: WorkerContext) -> None:
         n = shard.num_params
         scale = self.lam**tau if self.decay == "power" else 1.0 / (1.0 + tau)
         gradient = update[:n] if scale == 1.0 else update[:n] * scale
-        velocity: Velocity = shard.rule
+        velocity = shard.checked_rule()
         velocity.v.mul_(self.mu).add_(gradient, alpha=-ctx.lr)
         shard.x[:n].add_(velocity.v)
         shard.x[n:].add_(update[n:])  # buffers: their averaged change, as pushed

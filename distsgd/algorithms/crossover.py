@@ -6,12 +6,41 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from distsgd import mixing, topology
-from distsgd.algorithms import register
 from distsgd.algorithms.base import Algorithm, WorkerContext, average_gradients_, hyperparameter
+from distsgd.algorithms.registry import register
 from distsgd.comm.base import Group
 from distsgd.errors import UsageError
+
+SEGMENTATIONS = ("blocks", "fine")
+
+
+def fine_blocks(model: nn.Module, tensors: list[torch.Tensor]) -> list[int]:
+    """Sizes of the flat vector's segments for the paper's fine chromosome.
+
+    One segment per module one level below the top (a top-level module without children is its
+    own unit): for resnet20 each of the nine residual blocks, the stem's conv and BatchNorm, and
+    the classifier. As for 'blocks', a unit's parameters and its buffers sit in different parts
+    of the flat vector and so form two segments, and the segments follow the vector's order.
+    """
+    units = [grandchild for child in model.children()
+             for grandchild in (list(child.children()) or [child])]
+    owner: dict[int, int] = {}
+    for i, unit in enumerate(units):
+        for t in list(unit.parameters()) + list(unit.buffers()):
+            owner.setdefault(id(t), i)
+    sizes: list[int] = []
+    last: int | None = None
+    for t in tensors:
+        o = owner.get(id(t), -1)  # state on no unit (e.g. on the root) is a segment of its own
+        if sizes and o == last:
+            sizes[-1] += t.numel()
+        else:
+            sizes.append(t.numel())
+            last = o
+    return sizes
 
 
 @dataclass
@@ -30,8 +59,10 @@ class Crossover(Algorithm):
     Each segment of the model is averaged with a different peer: for every (step, segment) the
     shared seed draws a permutation without fixed points, so every worker sends and receives
     exactly one copy of every segment (no hotspot, doubly stochastic, the average model preserved).
-    Each idea can be turned off: segments=1 (whole model), fair=false (independent peers),
-    groups=0 (flat). groups=-1 makes one group per machine: torchrun's nodes on real processes,
+    Each idea can be turned off: segments=1 (whole model), fair=false (each worker picks whom it
+    receives from, as the reference code's ablation: one copy in, any number out), groups=0
+    (flat). segments='fine' is the paper's fine chromosome: one segment per residual block.
+    groups=-1 makes one group per machine: torchrun's nodes on real processes,
     `NetworkModel.hosts` in the simulator (where, without hosts, every worker is a machine).
     """
 
@@ -40,21 +71,23 @@ class Crossover(Algorithm):
     sends = "one message per segment (|x| in total) every step; leaders only when hierarchical"
 
     segments: int | str = hyperparameter(
-        "blocks", "how the model is cut: 'blocks' (one per top-level module) or a number of "
-        "equal chunks (1 = no segmentation)")
-    fair: bool = hyperparameter(True, "load-balanced derangement (false: independent peers)")
+        "blocks", "how the model is cut: 'blocks' (one per top-level module), 'fine' (one per "
+        "module one level down: resnet20's residual blocks) or a number of equal chunks "
+        "(1 = no segmentation)")
+    fair: bool = hyperparameter(
+        True, "load-balanced derangement (false: each worker picks whom it receives from)")
     groups: int = hyperparameter(
         0, "hierarchical groups: 0 flat; G >= 1 averages gradients inside G contiguous groups "
         "and gossips among their leaders; -1 one group per machine (torchrun node)", low=-1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.segments, str) and self.segments != "blocks":
+        if isinstance(self.segments, str) and self.segments not in SEGMENTATIONS:
             raise UsageError(f"crossover: segments={self.segments!r} is not valid; valid values: "
-                             "'blocks' or a positive integer")
+                             "'blocks', 'fine' or a positive integer")
         if isinstance(self.segments, int) and self.segments < 1:
             raise UsageError(f"crossover: segments={self.segments} is out of range: valid values "
-                             "lie in [1, inf) or 'blocks'")
+                             "lie in [1, inf), 'blocks' or 'fine'")
 
     def validate(self, workers: int, lr: float) -> list[str]:
         if self.groups > workers:
@@ -65,6 +98,8 @@ class Crossover(Algorithm):
     def init(self, ctx: WorkerContext) -> CrossoverState:
         if self.segments == "blocks":
             bounds = mixing.block_segments(ctx.flat.blocks)
+        elif self.segments == "fine":
+            bounds = mixing.block_segments(fine_blocks(ctx.model, ctx.flat.tensors))
         else:
             bounds = mixing.equal_segments(ctx.flat.numel, min(int(self.segments), ctx.flat.numel))
         state = CrossoverState(bounds)
@@ -117,19 +152,15 @@ class Crossover(Algorithm):
                 members: list[int]) -> None:
         """Average each segment of `x` in place with the copies the schedule sends us."""
         n, me = len(members), members.index(ctx.index)
-        plans = [topology.crossover_targets(n, ctx.step, s, ctx.seed, self.fair)
+        plans = [topology.crossover_sources(n, ctx.step, s, ctx.seed, self.fair)
                  for s in range(len(state.bounds))]
         rank_of = [ctx.worker_ranks[m] for m in members]
-        for (a, b), targets in zip(state.bounds, plans, strict=True):
-            ctx.comm.send(x[a:b], rank_of[targets[me]])
-        for (a, b), targets in zip(state.bounds, plans, strict=True):
-            senders = topology.sources(targets, me)
-            if not senders:
-                continue
-            total, inbox = x[a:b].clone(), torch.empty(b - a, dtype=x.dtype,
-                                                         device=x.device)
-            for src in senders:
-                ctx.comm.recv(inbox, src=rank_of[src])
-                total.add_(inbox)
-            x[a:b] = total.div_(len(senders) + 1)
+        # The schedule follows from the shared seed: every receive is posted ahead (exchange)
+        sends = [(x[a:b], rank_of[dst]) for (a, b), sources in zip(state.bounds, plans, strict=True)
+                 for dst in topology.receivers(sources, me)]  # exactly one per segment when fair
+        copies = [torch.empty(b - a, dtype=x.dtype, device=x.device) for a, b in state.bounds]
+        ctx.comm.exchange(sends, [(copy, rank_of[sources[me]])  # one copy in, fair or not
+                                  for copy, sources in zip(copies, plans, strict=True)])
+        for (a, b), copy in zip(state.bounds, copies, strict=True):
+            x[a:b] = x[a:b].clone().add_(copy).div_(2)
 

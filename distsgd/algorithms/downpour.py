@@ -6,26 +6,28 @@ from dataclasses import dataclass
 
 import torch
 
-from distsgd.algorithms import register
 from distsgd.algorithms.base import WorkerContext, hyperparameter
 from distsgd.algorithms.ps import (
     ClientState,
     ParameterServerAlgorithm,
     Shard,
 )
+from distsgd.algorithms.registry import register
 
 VARIANTS = ("plain", "momentum", "average", "moving-average")
 
 
 @dataclass
-class ServerExtras:
+class DownpourRule:
+    """The server's state beyond x̃, per variant."""
+
     velocity: torch.Tensor | None = None  # mdownpour
     average: torch.Tensor | None = None  # adownpour, mvadownpour
 
 
 @register
 @dataclass(frozen=True)
-class Downpour(ParameterServerAlgorithm):
+class Downpour(ParameterServerAlgorithm[DownpourRule]):
     """Workers take local SGD steps; every τ steps they push the accumulated update (x̃ ← x̃ + Σu)
     and pull x̃. Variants of the EASGD paper (Zhang et al. 2015, §5): momentum = MDOWNPOUR
     (Nesterov momentum δ at the server), average = ADOWNPOUR (the server's running average of x̃
@@ -58,16 +60,17 @@ class Downpour(ParameterServerAlgorithm):
         ctx.flat.set_(state.anchor)
 
     # -------------------------------------------------------------------- server side
-    def server_init(self, shard: Shard, ctx: WorkerContext) -> ServerExtras:
-        extras = ServerExtras()
+    def server_init(self, shard: Shard[DownpourRule], ctx: WorkerContext) -> DownpourRule:
+        extras = DownpourRule()
         if self.variant == "momentum":
             extras.velocity = torch.zeros_like(shard.x)
         if self.variant in ("average", "moving-average"):
             extras.average = shard.x.clone()
         return extras
 
-    def apply(self, shard: Shard, update: torch.Tensor, tau: int, ctx: WorkerContext) -> None:
-        extras: ServerExtras = shard.rule
+    def apply(self, shard: Shard[DownpourRule], update: torch.Tensor, tau: int,
+              ctx: WorkerContext) -> None:
+        extras = shard.checked_rule()
         if extras.velocity is not None:
             # Nesterov at the server: v ← δ v + u; x̃ ← x̃ + δ v + u.
             extras.velocity.mul_(self.delta).add_(update)
@@ -79,6 +82,6 @@ class Downpour(ParameterServerAlgorithm):
             a = 1.0 / (t + 1) if self.variant == "average" else self.rate
             extras.average.mul_(1 - a).add_(shard.x, alpha=a)
 
-    def server_evaluated(self, shard: Shard) -> torch.Tensor:
-        extras: ServerExtras = shard.rule
+    def server_evaluated(self, shard: Shard[DownpourRule]) -> torch.Tensor:
+        extras = shard.checked_rule()
         return extras.average if extras.average is not None else shard.x

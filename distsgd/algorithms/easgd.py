@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from distsgd import mixing
-from distsgd.algorithms import register
 from distsgd.algorithms.base import Algorithm, WorkerContext, hyperparameter
+from distsgd.algorithms.registry import register
 
 
 @dataclass(frozen=True)

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from distsgd import mixing
-from distsgd.algorithms import register
 from distsgd.algorithms.base import WorkerContext, hyperparameter
 from distsgd.algorithms.easgd import ElasticRates
-from distsgd.algorithms.ps import (
-    ClientState,
-    ParameterServerAlgorithm,
-    start_client,
-)
+from distsgd.algorithms.ps import ClientState, ParameterServerAlgorithm, connect
+from distsgd.algorithms.registry import register
+
+
+@dataclass
+class ElasticClientState(ClientState):
+    # EAMSGD's Nesterov buffer b (v = −η b); zero, and unused, in easgd-async.
+    momentum: torch.Tensor = field(kw_only=True)
 
 
 @register
 @dataclass(frozen=True)
-class EASGDAsync(ElasticRates, ParameterServerAlgorithm):
+class EASGDAsync(ElasticRates, ParameterServerAlgorithm[None]):
     """Algorithm 1: every τ steps, x_i ← x_i − α(x_i − x̃) and x̃ ← x̃ + α(x_i − x̃) through the
     server; the gradient step uses the gradient taken before the elastic pull.
 
@@ -41,20 +43,19 @@ class EASGDAsync(ElasticRates, ParameterServerAlgorithm):
         # to all the others, so the chance that a run dies grows with N (docs/algorithms.md).
         return 0.25
 
-    def init(self, ctx: WorkerContext) -> ClientState:
-        state = start_client(ctx, self)
-        state.extra = torch.zeros(ctx.flat.num_params, dtype=ctx.flat.dtype,
-                                  device=ctx.flat.device)  # EAMSGD's buffer
-        return state
+    def init(self, ctx: WorkerContext) -> ElasticClientState:
+        client, anchor = connect(ctx, self.bounded)
+        return ElasticClientState(client, anchor, momentum=torch.zeros(
+            ctx.flat.num_params, dtype=ctx.flat.dtype, device=ctx.flat.device))
 
-    def after_backward(self, ctx: WorkerContext, state: ClientState) -> None:
+    def after_backward(self, ctx: WorkerContext, state: ElasticClientState) -> None:
         if ctx.step % self.period == 0:  # t mod τ = 0, t counted from 0 as in the paper
             x = self.elastic_point(ctx, state)
             center = state.client.elastic(x)
             e = mixing.elastic_difference(x, center, self.moving_rate(ctx.workers))
             ctx.flat.set_(ctx.flat.get() - e)
 
-    def elastic_point(self, ctx: WorkerContext, state: ClientState) -> torch.Tensor:
+    def elastic_point(self, ctx: WorkerContext, state: ElasticClientState) -> torch.Tensor:
         """The x whose distance to x̃ the elastic force acts on (the model itself here)."""
         return ctx.flat.get()
 
@@ -78,14 +79,15 @@ class EAMSGD(EASGDAsync):
     def default_lr(self) -> float:
         return 0.05 * (1 - self.delta) / 0.1  # 0.05 at δ = 0.9: the same effective step
 
-    def after_backward(self, ctx: WorkerContext, state: ClientState) -> None:
+    def after_backward(self, ctx: WorkerContext, state: ElasticClientState) -> None:
         super().after_backward(ctx, state)
-        grad, state.extra = mixing.nesterov_gradient(ctx.flat.grads(), state.extra, self.delta)
+        grad, state.momentum = mixing.nesterov_gradient(ctx.flat.grads(), state.momentum,
+                                                        self.delta)
         ctx.flat.set_grads_(grad)
 
-    def elastic_point(self, ctx: WorkerContext, state: ClientState) -> torch.Tensor:
+    def elastic_point(self, ctx: WorkerContext, state: ElasticClientState) -> torch.Tensor:
         # x = look-ahead − δv, and v = −η b in the buffer's units.
         x = ctx.flat.get()
         lr = ctx.optimizer.param_groups[0]["lr"] if ctx.optimizer is not None else ctx.lr
-        x[: ctx.flat.num_params] += self.delta * lr * state.extra
+        x[: ctx.flat.num_params] += self.delta * lr * state.momentum
         return x

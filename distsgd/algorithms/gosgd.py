@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from distsgd import mixing
-from distsgd.algorithms import register
 from distsgd.algorithms.base import Algorithm, WorkerContext, hyperparameter
+from distsgd.algorithms.registry import register
 from distsgd.errors import PeerDied
 
 

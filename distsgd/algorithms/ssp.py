@@ -5,18 +5,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distsgd.algorithms import register
 from distsgd.algorithms.base import WorkerContext, hyperparameter
 from distsgd.algorithms.ps import (
     ClientState,
     ParameterServerAlgorithm,
 )
+from distsgd.algorithms.registry import register
 from distsgd.errors import UsageError
 
 
 @register
 @dataclass(frozen=True)
-class SSP(ParameterServerAlgorithm):
+class SSP(ParameterServerAlgorithm[None]):
     """Each worker has a clock c (pushes made). It may compute step c only once the slowest live
     worker's clock is at least c − s, so it never misses an update more than s clocks old; the
     server holds its pull until then. s = 0 is bulk-synchronous, s = inf fully asynchronous.
@@ -32,7 +32,7 @@ class SSP(ParameterServerAlgorithm):
 
     bounded = True
     s: float = hyperparameter(3, "staleness bound in clocks (0: bulk-synchronous, inf: async)",
-                              low=0)
+                              low=0, high=math.inf)
 
     def __post_init__(self) -> None:
         super().__post_init__()

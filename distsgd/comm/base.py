@@ -11,6 +11,16 @@ Semantics both backends honour (tests/test_comm_conformance.py checks them on bo
   calls them in the same order. ``new_group(ranks)`` is itself collective on real processes: every
   rank calls it with the same ranks, in the same order, members or not (torch.distributed requires
   it), so algorithms create their groups in ``init`` on every rank.
+- ``exchange(sends, recvs, timeout=None)``: point-to-point where each rank knows in advance whom
+  it receives from and what (sgp, crossover: from the shared seed). It posts every receive
+  ``(out, src)`` and every send ``(tensor, dst)`` at once (sends buffered as by ``send``) and
+  returns when every ``out`` is filled. Its messages travel on a channel of their own: received
+  only by the peer's ``exchange``, never by ``recv``/``poll``, and the k-th a rank sends a peer
+  fills that peer's k-th ``exchange`` receive from it, of the same dtype and shape. Bytes count
+  as ``send``. It returns ``(unsent, unfilled)``: the peers found dead under ``--on-failure
+  continue`` to which nothing was sent, and those whose ``out`` was left as it was; both empty
+  elsewhere. The simulator runs it as the sends, then the receives, in order: exactly the cost
+  and result of ``send`` and ``recv``.
 - ``poll(out, src=None)`` is ``recv`` that never blocks: it takes a message that has already
   arrived, or returns ``None`` (gossip merges its inbox this way; the sender never waits).
 - ``expose(key, fn)`` / ``observe(rank, key)`` let measurement code read another rank's state for
@@ -23,17 +33,31 @@ Semantics both backends honour (tests/test_comm_conformance.py checks them on bo
 - every verb counts the bytes this rank sends, per verb (``bytes_by_verb``), except inside
   ``uncounted()``, which measurement code (consensus distance, evaluation) uses so that metrics do
   not distort the traffic they report.
+
+What measurement and the runtime need of a run, through the same seam (never a backend's type):
+
+- ``send_report(tensor, dst)`` / ``recv_report(out, src, timeout=None)``: the reports channel,
+  uncounted and never mixed with the algorithm's messages, for measurement where ``observe``
+  cannot read another rank (real processes). Ranks that share memory (the simulator, a world of
+  one) have no such channel: ``observe`` reads in place, and the verbs raise `UsageError`.
+- ``note_step(step)``: this rank completed training step ``step``. Whoever supervises the rank
+  (the local launcher) records it, to name a dead worker's last step; a no-op elsewhere.
+- ``deaths()``: ``{rank: (last step it noted or None, time.time() it was declared dead)}`` for
+  the ranks that died in a run that carries on without them (``--on-failure continue``); empty
+  where nothing died, or nothing can (the simulator, a world of one, torchrun).
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Callable, Iterator
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from distsgd.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,11 @@ class Comm(Protocol):
     def recv(
         self, out: torch.Tensor, src: int | None = None, timeout: float | None = None,
     ) -> int: ...
+
+    def exchange(
+        self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]],
+        timeout: float | None = None,
+    ) -> tuple[frozenset[int], frozenset[int]]: ...
 
     def poll(self, out: torch.Tensor, src: int | None = None) -> int | None: ...
 
@@ -101,6 +130,34 @@ class Comm(Protocol):
     def uncounted(self) -> contextlib.AbstractContextManager[None]: ...
 
     def restore_counts(self, by_verb: dict[str, int]) -> None: ...
+
+    def send_report(self, tensor: torch.Tensor, dst: int) -> None: ...
+
+    def recv_report(self, out: torch.Tensor, src: int, timeout: float | None = None) -> int: ...
+
+    def note_step(self, step: int) -> None: ...
+
+    def deaths(self) -> dict[int, tuple[int | None, float]]: ...
+
+
+class InProcess:
+    """The measurement verbs of a backend whose ranks share this process (the simulator, a world
+    of one): nothing supervises a rank or outlives another, and `observe` reads any rank's state
+    in place, so there is no reports channel."""
+
+    def send_report(self, tensor: torch.Tensor, dst: int) -> None:
+        raise UsageError("send_report: this backend's ranks share memory and have no reports "
+                         "channel; read other ranks' state with observe(rank, key)")
+
+    def recv_report(self, out: torch.Tensor, src: int, timeout: float | None = None) -> int:
+        raise UsageError("recv_report: this backend's ranks share memory and have no reports "
+                         "channel; read other ranks' state with observe(rank, key)")
+
+    def note_step(self, step: int) -> None:
+        return None
+
+    def deaths(self) -> dict[int, tuple[int | None, float]]:
+        return {}
 
 
 class ByteCounter:
@@ -148,6 +205,34 @@ class Counted:
         self._counter.by_verb = dict(by_verb)
 
 
+def check_exchange(sends: Sequence[tuple[torch.Tensor, int]],
+                   recvs: Sequence[tuple[torch.Tensor, int]], rank: int, world_size: int) -> None:
+    """ValueError unless every send names a `dst` and every receive a `src` that is another rank
+    (checked before anything is sent, so that a bad call sends nothing)."""
+    for what, pairs in (("dst", sends), ("src", recvs)):
+        for pair in pairs:
+            if not (isinstance(pair, tuple) and len(pair) == 2
+                    and isinstance(pair[0], torch.Tensor)):
+                raise ValueError(f"exchange: {pair!r} is not a (tensor, {what}) pair")
+            peer = pair[1]
+            if isinstance(peer, bool) or not isinstance(peer, int) or not (
+                    0 <= peer < world_size) or peer == rank:
+                raise ValueError(f"exchange: {what}={peer!r} is not another rank of a world of "
+                                 f"{world_size}")
+
+
+def exchange_in_order(comm: Comm, sends: Sequence[tuple[torch.Tensor, int]],
+                      recvs: Sequence[tuple[torch.Tensor, int]],
+                      ) -> tuple[frozenset[int], frozenset[int]]:
+    """`exchange` as ``send`` each, then ``recv`` each, in order (the simulator's model)."""
+    check_exchange(sends, recvs, comm.rank, comm.world_size)
+    for tensor, dst in sends:
+        comm.send(tensor, dst)
+    for out, src in recvs:
+        comm.recv(out, src)
+    return frozenset(), frozenset()
+
+
 def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -169,14 +254,16 @@ def tree_broadcast_children(position: int, n: int) -> int:
     return children
 
 
-_current = threading.local()
+# A context variable, not a thread-local: each thread starts with its own (empty) context, and so
+# does each of the simulator's workers, which are greenlets sharing one thread.
+_current: contextvars.ContextVar[Comm | None] = contextvars.ContextVar("distsgd_comm", default=None)
 
 
 def set_current(comm: Comm | None) -> None:
-    """Make `comm` this thread's communicator (the runtime does this for each worker)."""
-    _current.comm = comm
+    """Make `comm` this worker's communicator (the runtime does this for each worker)."""
+    _current.set(comm)
 
 
 def current() -> Comm | None:
-    """This thread's communicator, set by the runtime; ``None`` outside a run."""
-    return getattr(_current, "comm", None)
+    """This worker's communicator, set by the runtime; ``None`` outside a run."""
+    return _current.get()

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from distsgd.comm.base import ByteCounter, Counted, Group
+from distsgd.comm.base import ByteCounter, Counted, Group, InProcess, exchange_in_order
 
 
-class LocalComm(Counted):
+class LocalComm(Counted, InProcess):
     """The `Comm` of a single worker: collectives are identities, point-to-point is an error."""
 
     def __init__(self) -> None:
@@ -25,6 +25,11 @@ class LocalComm(Counted):
 
     def recv(self, out: torch.Tensor, src: int | None = None, timeout: float | None = None) -> int:
         raise ValueError("a world of one worker has no peer to receive from")
+
+    def exchange(self, sends: Sequence[tuple[torch.Tensor, int]],
+                 recvs: Sequence[tuple[torch.Tensor, int]],
+                 timeout: float | None = None) -> tuple[frozenset[int], frozenset[int]]:
+        return exchange_in_order(self, sends, recvs)  # only an empty exchange has no peer
 
     def poll(self, out: torch.Tensor, src: int | None = None) -> int | None:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -18,11 +18,13 @@ class ComputeModel:
 
     flops: 3 × forward FLOPs × batch / rate (backward ≈ 2 × forward), deterministic, the default
     because it keeps simulated runs reproducible; measured: the real forward/backward/step time of
-    that worker; fixed: the same number of seconds for every step.
+    that worker; fixed: the same number of seconds for every step. `share`: how many times longer
+    every step takes because the worker shares a core (`on_cores`); 1: a core of its own.
     """
 
     mode: str
     value: float = 0.0
+    share: float = 1.0
 
     DEFAULT_RATE = 1e10  # FLOP/s: about one CPU core
 
@@ -44,12 +46,29 @@ class ComputeModel:
                              "'flops:RATE' (FLOP/s), 'measured', or seconds per step (>= 0)")
         return cls("fixed", seconds)
 
+    def on_cores(self, processes: int, cores: int) -> ComputeModel:
+        """This model for `processes` busy processes sharing `cores` cores (`cpu_share`)."""
+        return replace(self, share=cpu_share(processes, cores))
+
     def step_seconds(self, flops_per_sample: int, batch: int, measured: float) -> float:
         if self.mode == "flops":
-            return 3.0 * flops_per_sample * batch / self.value
+            return self.share * 3.0 * flops_per_sample * batch / self.value
         if self.mode == "measured":
-            return measured
-        return self.value
+            return self.share * measured
+        return self.share * self.value
+
+
+def cpu_share(processes: int, cores: int) -> float:
+    """How many times longer a step's computation takes when `processes` processes that compute
+    at the same time share `cores` cores: max(1, processes / cores), as the scheduler gives each
+    an equal slice (cores=0: a core each, 1). Synchronous steps start together, so their
+    computations do overlap; a rank that waits for the network leaves its core to the others,
+    which this bound does not credit (docs/multi-machine.md, "Calibration")."""
+    if cores == 0:
+        return 1.0
+    check_range("cores", cores, 1)
+    check_range("processes", processes, 1)
+    return max(1.0, processes / cores)
 
 
 @dataclass(frozen=True)

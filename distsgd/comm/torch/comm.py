@@ -1,30 +1,18 @@
 """TorchComm: the `Comm` protocol over torch.distributed with gloo (CPU tensors).
 
-The semantics are those of `distsgd.comm.base`; this module maps them onto gloo, whose behaviour
-shapes the design (measured on torch 2.13):
+The semantics are those of `distsgd.comm.base`. Point-to-point messages travel through the
+transport of `distsgd.comm.torch.mailbox` in the format of `distsgd.comm.torch.wire`: a recv
+reads the mailbox's inbox, so a recv timeout is a plain wait that leaves the connections intact,
+a layout mismatch is a `ProtocolError` as in the simulator, and sends complete at once.
+`exchange` posts its receives ahead instead (`distsgd.comm.torch.exchange`): no mailbox, no
+header round trip; after its timeout the communicator refuses further work. The collectives
+are in `distsgd.comm.torch.collectives`. `close` is collective: every rank sends each peer a
+last "goodbye" header and waits for theirs, so no message is lost and no thread is left blocked
+inside gloo (one that wakes during interpreter shutdown aborts the process).
 
-- gloo's point-to-point is a rendezvous: an ``isend`` completes only once the receiver posts a
-  matching receive of the right size (a larger buffer is silently part-filled, a smaller one
-  aborts the process), and a process that exits with a send in flight loses the message.
-- a gloo p2p work learns it completed only inside ``wait()`` (``is_completed()`` stays False),
-  and a ``wait`` that times out closes the connection ("Application timeout caused pair
-  closure"); an any-source recv that times out closes every connection.
-
-So TorchComm runs a mailbox: each message is a fixed header (magic number, kind, dtype, shape)
-followed by its payload as raw bytes, and a thread (`_Mailbox`) receives every message as soon as
-it is sent, from any sender, into a local inbox. `recv` and `poll` read that inbox: a recv timeout
-is a plain wait that leaves the connections intact, a layout mismatch is a ValueError (a
-`ProtocolError`) as in the simulator, and sends complete
-at once. Another thread (`_Outbox`) waits for each send to complete and frees its payload.
-`close` is collective: every rank sends each peer a last "goodbye" header and waits for theirs,
-so no message is lost and no thread is left blocked inside gloo (one that wakes during
-interpreter shutdown aborts the process).
-
-Hostile input: nothing received is unpickled. Every header is checked on arrival (magic number,
-kind, dtype code, dimensions, a size limit) before a byte of payload is allocated, and a bad one
-is a `ProtocolError` naming the sender; a payload whose dtype or shape differs from the receiver's
-buffer is one too. After a rejected header the stream from that rank cannot be trusted, so the
-communicator refuses further work.
+Hostile input: a header the mailbox rejects, or a payload whose dtype or shape differs from the
+receiver's buffer, is a `ProtocolError` naming the sender. After a rejected header the stream
+from that rank cannot be trusted, so the communicator refuses further work.
 
 Failures: a collective that times out leaves gloo's own operation running, so after its
 `CommTimeout` the communicator refuses further work; a recv timeout does not. A peer that dies
@@ -36,7 +24,12 @@ and the next any-source recv raise `PeerDied`, so the algorithm can route around
 no longer waits for its goodbye. Gloo refuses an isend to a closed connection at once; in that
 mode such a refusal, or a lost send, also marks the peer dead.
 
-Example, on every rank of an initialised gloo default group::
+Supervision: a process the local launcher started has a `Supervisor` (its view of the launcher's
+shared board, `distsgd.worker_process`), which `note_step` tells of each step and `deaths` asks;
+without one (torchrun) `note_step` does nothing and `deaths` is empty.
+
+Example, on every rank of an initialised gloo default group
+(`distsgd.comm.torch.group.init_process_group`)::
 
     comm = TorchComm(timeout=60.0)
     if comm.rank == 0:
@@ -49,14 +42,10 @@ Example, on every rank of an initialised gloo default group::
 from __future__ import annotations
 
 import atexit
-import collections
 import contextlib
-import math
-import threading
 import time
-from collections.abc import Callable
-from datetime import timedelta
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -65,10 +54,13 @@ from distsgd.comm.base import (
     ByteCounter,
     Counted,
     Group,
+    check_exchange,
     nbytes,
-    ring_allreduce_bytes,
-    tree_broadcast_children,
 )
+from distsgd.comm.torch import wire
+from distsgd.comm.torch.collectives import GLOO_BACKENDS, Collectives, cpu_copy
+from distsgd.comm.torch.exchange import Receiver
+from distsgd.comm.torch.mailbox import DEATH_GRACE, Mailbox, Outbox, PeerLost, first_line
 from distsgd.errors import (
     CommTimeout,
     PeerDied,
@@ -78,56 +70,38 @@ from distsgd.errors import (
     check_range,
 )
 
-# An explicit wait this long never times out in practice: gloo would otherwise apply the group's
-# timeout to a send whose receiver is merely slow, and a timed-out wait closes the connection.
-_FOREVER = timedelta(days=7)
-_HEADER_TAG, _PAYLOAD_TAG = 7101, 7102  # gloo tags of distsgd's messages
-_MAGIC = 0x6473_6764_0001  # "dsgd", wire version 1: anything else is not our message
-_DATA, _GOODBYE, _REPORT = 0, 1, 2  # _REPORT: evaluation reports, a channel of their own
-_MAX_DIMS = 8
-# magic, kind, dtype code, number of dimensions, sequence number (per sender and receiver), the
-# shape, then the magic again: gloo part-fills a larger receive buffer without saying so, and the
-# trailer (zeroed before each receive) shows that a header arrived whole.
-_HEADER_LEN = 6 + _MAX_DIMS
-_SEQ = 4
-# A header may not make this rank allocate more than this for one payload (a model of 500 M
-# float32 parameters); a larger claim is hostile or corrupt.
-MAX_MESSAGE_BYTES = 2**31
-# How long a receive that failed when a peer's connection reset waits for the launcher to declare
-# that peer dead (it notices a dead process at once) before the failure ends the run.
-_DEATH_GRACE = 10.0
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-           torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
+
+class Supervisor(Protocol):
+    """What watches this process from outside (the local launcher's shared board)."""
+
+    def note_step(self, step: int) -> None:
+        """This rank completed training step `step`."""
+        ...
+
+    def deaths(self) -> dict[int, tuple[int | None, float]]:
+        """{rank: (its last noted step or None, time.time() it was declared dead)}."""
+        ...
 
 
-# Plain gloo, or torch's multi-backend group of a GPU run (`distsgd.launch.init_process_group`
-# with device cuda): CPU tensors, hence the mailbox, on gloo; CUDA tensors' collectives on NCCL.
-GLOO_BACKENDS = ("gloo", "cpu:gloo,cuda:nccl")
-
-
-class PeerLost(WorkerFailure):
-    """A peer's connection closed: it crashed, or its process ended without `close`.
-
-    Usually the consequence of another worker's failure; the launcher reports that one instead.
-    """
-
-
-class TorchComm(Counted):
+class TorchComm(Counted, Collectives):
     """The `Comm` of one process of an initialised gloo default process group.
 
     `timeout` (seconds, > 0) is the default of every blocking verb. Initialise the process group
-    with the same timeout (`distsgd.launch.init_process_group` does): gloo applies the group's
-    timeout inside every collective, so a collective waits at most that long, and a per-call
-    timeout can only shorten it (a recv may wait longer). Use one TorchComm per process, from
+    with the same timeout (`group.init_process_group` does): gloo applies the group's timeout
+    inside every collective, so a collective waits at most that long, and a per-call timeout
+    can only shorten it (a recv may wait longer). Use one TorchComm per process, from
     one thread, and end with `close` on every rank. `carry_on` (``--on-failure continue``):
     a peer whose connection closes is taken for dead (`PeerDied`) rather than ending the run.
+    `supervisor`: what `note_step` and `deaths` report to and read from (the launcher's).
     """
 
-    def __init__(self, timeout: float = 300.0, *, carry_on: bool = False) -> None:
+    def __init__(self, timeout: float = 300.0, *, carry_on: bool = False,
+                 supervisor: Supervisor | None = None) -> None:
         check_range("timeout", timeout, 0.0, low_open=True)
         if not dist.is_available() or not dist.is_initialized():
             raise UsageError("TorchComm needs an initialised default process group: call "
-                             "distsgd.launch.init_process_group (or use distsgd.launch.launch)")
+                             "distsgd.comm.torch.group.init_process_group (or use "
+                             "distsgd.launch.launch)")
         if dist.get_backend() not in GLOO_BACKENDS:
             raise UsageError(f"TorchComm needs a gloo process group, not {dist.get_backend()!r}: "
                              "its mailbox relies on gloo's receive from any rank; valid: "
@@ -138,15 +112,17 @@ class TorchComm(Counted):
         self._everyone = Group(tuple(range(self._world_size)))
         self._counter = ByteCounter()
         # The machine of each global rank (torchrun's GROUP_RANK); one machine unless the
-        # torchrun launcher (`distsgd.launch.from_torchrun_env`) says otherwise.
+        # torchrun launcher (`group.from_torchrun_env`) says otherwise.
         self.nodes: tuple[int, ...] = (0,) * self._world_size
         self._exposed: dict[str, Callable[[], Any]] = {}
-        self._outbox = _Outbox()
-        self._mailbox = _Mailbox(self._rank, self._world_size - 1, carry_on)
+        self._outbox = Outbox(self._world_size)
+        self._mailbox = Mailbox(self._rank, self._world_size - 1, carry_on)
+        self._receiver = Receiver(self._rank, self._world_size, lambda src: carry_on and (
+            self._mailbox.await_death(src, DEATH_GRACE)))
+        self._supervisor = supervisor
         self._broken: str | None = None
         self._closed = False
         self._carry_on = carry_on
-        self._sequence = [0] * self._world_size  # the next message's number, per receiver
         atexit.register(self._at_exit)
 
     def _at_exit(self) -> None:
@@ -155,15 +131,6 @@ class TorchComm(Counted):
         # while Python still runs, avoids that.
         if not self._closed and dist.is_initialized():
             dist.destroy_process_group()
-
-    @classmethod
-    def init(cls, rank: int, world_size: int, rendezvous: str,
-             timeout: float = 300.0) -> TorchComm:
-        """Initialise gloo (``rendezvous``: ``file://...``, ``tcp://host:port``, ``env://``)."""
-        from distsgd.launch import init_process_group  # launch imports this module
-
-        init_process_group(rank, world_size, rendezvous, timeout)
-        return cls(timeout)
 
     # ------------------------------------------------------------------------ identity
     @property
@@ -198,33 +165,73 @@ class TorchComm(Counted):
         fn = self._exposed.get(key) if rank == self._rank else None
         return None if fn is None else fn()
 
-    # ---------------------------------------------------------------------- counting
-
     # ------------------------------------------------------------------ point to point
     def send(self, tensor: torch.Tensor, dst: int) -> None:
-        self._send(_DATA, tensor, dst)
+        self._send(wire.DATA, tensor, dst)
         self._counter.add("send", nbytes(tensor))
 
     def recv(self, out: torch.Tensor, src: int | None = None, timeout: float | None = None) -> int:
-        return self._recv(_DATA, out, src, timeout)
+        return self._recv(wire.DATA, out, src, timeout)
+
+    def exchange(self, sends: Sequence[tuple[torch.Tensor, int]],
+                 recvs: Sequence[tuple[torch.Tensor, int]],
+                 timeout: float | None = None) -> tuple[frozenset[int], frozenset[int]]:
+        """Every receive posted, then every send, then all waited for (`comm.torch.exchange`)."""
+        self._check_usable("exchange")
+        check_exchange(sends, recvs, self._rank, self._world_size)
+        seconds = self._timeout if timeout is None else timeout
+        check_range("timeout", seconds, 0.0, low_open=True)
+        for tensor, _ in [*sends, *recvs]:
+            wire.header(wire.DATA, tensor)  # a UsageError before anything is posted
+        dead = self._mailbox.dead_ranks()
+        unsent: set[int] = set()
+        try:
+            posted = [self._receiver.post(out, src) for out, src in recvs if src not in dead]
+        except RuntimeError as e:
+            self._broken = "an exchange failed to start"
+            raise self._failure("exchange", None, seconds, e) from e
+        for tensor, dst in sends:
+            if dst in dead or dst in unsent:
+                unsent.add(dst)
+                continue
+            try:
+                self._post(None, tensor, dst)
+            except PeerDied:
+                unsent.add(dst)
+                continue
+            self._counter.add("send", nbytes(tensor))
+        outcome = self._receiver.wait(posted, seconds)
+        error = outcome.error(self._rank, seconds)
+        if error is not None:
+            self._broken = "an exchange failed"  # receives may still be posted into the tensors
+            raise error
+        unfilled = {src for _, src in recvs if src in dead} | outcome.dead
+        return frozenset(unsent), frozenset(unfilled)
 
     def poll(self, out: torch.Tensor, src: int | None = None) -> int | None:
         self._check_usable("poll")
         if src is not None:
             self._check_peer(src, "src")
-        message = self._mailbox.take(_DATA, src, None)
+        message = self._mailbox.take(wire.DATA, src, None)
         return None if message is None else self._deliver(message, out)
 
     def send_report(self, tensor: torch.Tensor, dst: int) -> None:
         """Send on the reports channel (uncounted): evaluation reports never mix with the
         algorithm's messages, whatever order they arrive in."""
-        self._send(_REPORT, tensor, dst)
+        self._send(wire.REPORT, tensor, dst)
 
     def recv_report(self, out: torch.Tensor, src: int, timeout: float | None = None) -> int:
         """Receive from `src` on the reports channel (see `send_report`)."""
-        return self._recv(_REPORT, out, src, timeout)
+        return self._recv(wire.REPORT, out, src, timeout)
 
-    # ------------------------------------------------------------------ deaths
+    # ------------------------------------------------------------------ supervision
+    def note_step(self, step: int) -> None:
+        if self._supervisor is not None:
+            self._supervisor.note_step(step)
+
+    def deaths(self) -> dict[int, tuple[int | None, float]]:
+        return {} if self._supervisor is None else self._supervisor.deaths()
+
     def mark_dead(self, rank: int) -> None:
         """Record that `rank` died and the run carries on without it (see the module notes)."""
         self._mailbox.mark_dead(rank)
@@ -238,8 +245,8 @@ class TorchComm(Counted):
         self._check_usable("send")
         self._check_peer(dst, "dst")
         self._raise_if_dead(dst, "send to")
-        payload = _cpu_copy(tensor)
-        self._post(_header(kind, payload), payload, dst)
+        payload = cpu_copy(tensor)
+        self._post(wire.header(kind, payload), payload, dst)
 
     def _recv(self, kind: int, out: torch.Tensor, src: int | None,
               timeout: float | None) -> int:
@@ -257,8 +264,11 @@ class TorchComm(Counted):
                 raise WorkerFailure(f"rank {self._rank}: recv from {where} can never complete: "
                                     f"{'every peer has' if src is None else where + ' has'} "
                                     "closed its communicator")
+            stalled = [r for r in self._mailbox.stalled() if src in (None, r)]
             raise CommTimeout(f"rank {self._rank}: recv from {where} timed out after "
-                              f"{seconds:g} s (the sender is slow, stuck or dead)")
+                              f"{seconds:g} s (the sender is slow, stuck or dead" + (
+                                  f"; rank(s) {stalled} sent a header but not its payload)"
+                                  if stalled else ")"))
         return self._deliver(message, out)
 
     def _raise_if_dead(self, peer: int | None, verb: str) -> None:
@@ -279,65 +289,21 @@ class TorchComm(Counted):
         out.copy_(payload)
         return sender
 
-    def _post(self, header: torch.Tensor, payload: torch.Tensor | None, dst: int) -> None:
-        header[_SEQ] = self._sequence[dst]
+    def _post(self, header: torch.Tensor | None, payload: torch.Tensor | None, dst: int) -> None:
+        """Post a message: `header` and `payload`, or (header None) `payload` packed on
+        exchange's channel."""
         try:
-            self._outbox.put(dist.isend(header, dst, tag=_HEADER_TAG), header, dst)
-            self._sequence[dst] += 1
-            if payload is not None and payload.numel():
-                raw = payload.reshape(-1).view(torch.uint8)
-                self._outbox.put(dist.isend(raw, dst, tag=_PAYLOAD_TAG), payload, dst)
+            if header is None:
+                assert payload is not None
+                self._outbox.post_packed(payload, dst)
+            else:
+                self._outbox.post(header, payload, dst)
         except RuntimeError as e:
             failure = self._failure("send", dst, self._timeout, e)
             if isinstance(failure, PeerLost) and self._carry_on:
                 self._mailbox.mark_dead(dst)  # gloo saw its connection close: it died
                 self._raise_if_dead(dst, "send to")
             raise failure from e
-
-    # -------------------------------------------------------------------- collectives
-    def all_reduce_(self, tensor: torch.Tensor, group: Group | None = None,
-                    timeout: float | None = None) -> torch.Tensor:
-        ranks, handle = self._group(group, "all_reduce")
-        buf = tensor if _direct(tensor) else _cpu_copy(tensor)
-        self._run("all_reduce", timeout, lambda: dist.all_reduce(
-            buf, op=dist.ReduceOp.SUM, group=handle, async_op=True))
-        if buf is not tensor:
-            tensor.copy_(buf)
-        self._counter.add("all_reduce", ring_allreduce_bytes(nbytes(tensor), len(ranks)))
-        return tensor
-
-    def broadcast_(self, tensor: torch.Tensor, src: int, group: Group | None = None,
-                   timeout: float | None = None) -> torch.Tensor:
-        ranks, handle = self._group(group, "broadcast")
-        if src not in ranks:
-            raise ValueError(f"broadcast src={src} is not a member of group {list(ranks)}")
-        buf = tensor if _direct(tensor) else _cpu_copy(tensor)
-        self._run("broadcast", timeout, lambda: dist.broadcast(
-            buf, src=src, group=handle, async_op=True))
-        if buf is not tensor:
-            tensor.copy_(buf)
-        n = len(ranks)
-        position = (ranks.index(self._rank) - ranks.index(src)) % n
-        self._counter.add("broadcast", nbytes(tensor) * tree_broadcast_children(position, n))
-        return tensor
-
-    def barrier(self, group: Group | None = None, timeout: float | None = None) -> None:
-        _, handle = self._group(group, "barrier")
-        self._run("barrier", timeout, lambda: dist.barrier(group=handle, async_op=True))
-
-    def new_group(self, ranks: list[int] | tuple[int, ...]) -> Group:
-        """A group for collectives. Collective: EVERY rank calls it with the same ranks, in the
-        same order, members or not (torch.distributed requires it)."""
-        self._check_usable("new_group")
-        ranks = tuple(ranks)
-        if len(set(ranks)) != len(ranks) or any(not 0 <= r < self._world_size for r in ranks):
-            raise ValueError(f"new_group({list(ranks)}): ranks must be distinct members of "
-                             f"0..{self._world_size - 1}")
-        try:
-            handle = dist.new_group(list(ranks), timeout=timedelta(seconds=self._timeout))
-        except RuntimeError as e:
-            raise self._failure("new_group", None, self._timeout, e) from e
-        return Group(ranks, handle)
 
     # ----------------------------------------------------------------------- shutdown
     def close(self, timeout: float | None = None) -> None:
@@ -348,7 +314,7 @@ class TorchComm(Counted):
         communicator's default; ``math.inf``: no limit, which the launcher uses since it ends the
         run if a rank dies), so the ranks must finish within `timeout` of each other. Messages
         this rank never received are dropped (`discarded`). It does not destroy the process group
-        (`distsgd.launch.shutdown` does).
+        (`distsgd.comm.torch.group.shutdown` does).
         """
         if self._closed:
             return
@@ -359,7 +325,7 @@ class TorchComm(Counted):
         for peer in range(self._world_size):
             if peer != self._rank and peer not in self._mailbox.dead_ranks():
                 with contextlib.suppress(PeerDied):  # it died meanwhile: nobody to tell
-                    self._post(_header(_GOODBYE, None), None, peer)
+                    self._post(wire.header(wire.GOODBYE, None), None, peer)
         seconds = self._timeout if timeout is None else timeout
         check_range("timeout", seconds, 0.0, low_open=True)
         deadline = time.monotonic() + seconds
@@ -410,30 +376,9 @@ class TorchComm(Counted):
             raise PeerLost(f"rank {self._rank}: a message to rank {dst} was lost: rank {dst} "
                            f"crashed or ended without closing its communicator (gloo: {error})")
 
-    def _group(self, group: Group | None, verb: str) -> tuple[tuple[int, ...], Any]:
-        self._check_usable(verb)
-        ranks = (group or self._everyone).ranks
-        if self._rank not in ranks:
-            raise ValueError(f"rank {self._rank} called {verb} on group {list(ranks)} it is not in")
-        handle = None if group is None else group.handle
-        if handle is None and sorted(ranks) != list(self._everyone.ranks):
-            raise ValueError(f"group {list(ranks)} has no process group: create it with this "
-                             "communicator's new_group")
-        return ranks, handle
-
-    def _run(self, verb: str, timeout: float | None, start: Callable[[], Any]) -> None:
-        """Start a collective and wait for it, translating gloo's errors."""
-        seconds = self._timeout if timeout is None else min(timeout, self._timeout)
-        check_range("timeout", seconds, 0.0, low_open=True)
-        try:
-            if start().wait(timedelta(seconds=seconds)) is False:
-                raise RuntimeError("Operation timed out!")
-        except RuntimeError as e:
-            raise self._failure(verb, None, seconds, e) from e
-
     def _failure(self, verb: str, peer: int | None, seconds: float,
                  error: RuntimeError) -> WorkerFailure | CommTimeout:
-        text = _first_line(error)
+        text = first_line(error)
         where = "" if peer is None else f" to rank {peer}"
         if "timed out" in text.lower():
             self._broken = f"{verb} timed out"
@@ -444,290 +389,3 @@ class TorchComm(Counted):
         who = "a peer" if peer is None else f"rank {peer}"
         return PeerLost(f"rank {self._rank}: {verb}{where} failed: {who} crashed or ended "
                         f"without closing its communicator (gloo: {text})")
-
-
-def _direct(tensor: torch.Tensor) -> bool:
-    """Whether the group's backend can read and write `tensor` in place (else a staging copy
-    on the CPU is used): gloo a CPU tensor, NCCL a CUDA one where the group has it."""
-    if not tensor.is_contiguous():
-        return False
-    return tensor.device.type == "cpu" or (
-        tensor.device.type == "cuda" and str(dist.get_backend()) == GLOO_BACKENDS[1])
-
-
-def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor.detach())
-
-
-def _started(work: dist.Work | None) -> dist.Work:
-    if work is None:  # torch returns None to a rank outside the group; ours holds every rank
-        raise RuntimeError("torch.distributed started no operation")
-    return work
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else repr(error)
-
-
-def _header(kind: int, payload: torch.Tensor | None) -> torch.Tensor:
-    """magic, kind, dtype index, number of dimensions, then the padded shape (int64)."""
-    header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
-    header[0], header[1], header[-1] = _MAGIC, kind, _MAGIC
-    if payload is not None:
-        if payload.dtype not in _DTYPES or payload.dim() > _MAX_DIMS:
-            raise UsageError(f"send: a {payload.dtype} tensor of {payload.dim()} dimensions "
-                             f"cannot be sent; supported: up to {_MAX_DIMS} dimensions of "
-                             f"{', '.join(str(d) for d in _DTYPES)}")
-        header[2], header[3] = _DTYPES.index(payload.dtype), payload.dim()
-        header[5:5 + payload.dim()] = torch.tensor(payload.shape, dtype=torch.int64)
-    return header
-
-
-def parse_header(values: list[int], limit: int = MAX_MESSAGE_BYTES,
-                 ) -> tuple[int, torch.dtype, list[int]]:
-    """(kind, dtype, shape) of a received header, or ValueError saying what is wrong with it.
-
-    Checked before anything is allocated: a header is the only thing a sender controls.
-    """
-    magic, kind, code, ndim, _, *dims, trailer = values
-    if magic != _MAGIC:
-        raise ValueError(f"bad magic number {magic:#x} (expected {_MAGIC:#x}: not a distsgd "
-                         "message, or another wire version)")
-    if trailer != _MAGIC:
-        raise ValueError(f"a truncated header of {len(values)} int64 (its trailer is "
-                         f"{trailer:#x}, not {_MAGIC:#x})")
-    if kind == _GOODBYE:
-        return kind, torch.uint8, [0]
-    if kind not in (_DATA, _REPORT):
-        raise ValueError(f"unknown message kind {kind} (valid: {_DATA}, {_GOODBYE}, {_REPORT})")
-    if not 0 <= code < len(_DTYPES):
-        raise ValueError(f"unknown dtype code {code} (valid: 0..{len(_DTYPES) - 1})")
-    if not 0 <= ndim <= _MAX_DIMS or any(d < 0 for d in dims) or any(dims[ndim:]):
-        raise ValueError(f"bad shape: {ndim} dimensions {dims} (up to {_MAX_DIMS} sizes >= 0)")
-    size = _DTYPES[code].itemsize
-    for d in dims[:ndim]:  # multiply with a cap, so a hostile shape cannot overflow int64
-        size = min(size * d, limit + 1)
-    if size > limit:
-        raise ValueError(f"a payload of shape {dims[:ndim]} and dtype {_DTYPES[code]} exceeds "
-                         f"the limit of {limit} bytes")
-    return kind, _DTYPES[code], dims[:ndim]
-
-
-class _Mailbox:
-    """Receives every message addressed to this rank, in arrival order, on a daemon thread."""
-
-    def __init__(self, rank: int, peers: int, carry_on: bool) -> None:
-        self._rank, self._carry_on = rank, carry_on
-        # (sender, kind, payload): data and reports wait side by side, taken by kind
-        self._inbox: collections.deque[tuple[int, int, torch.Tensor]] = collections.deque()
-        self._open = peers  # peers that have not said goodbye (or died)
-        self._closed: set[int] = set()
-        self._expected: collections.Counter[int] = collections.Counter()  # next number per sender
-        self._dead: set[int] = set()
-        self._unannounced: list[int] = []  # deaths no any-source recv has reported yet
-        self.failure: str | None = None
-        self.rejected: str | None = None  # why a message was rejected (ProtocolError)
-        self.discarded = 0
-        self._excuses = 0  # failed receives that a death explained
-        self._last_death = -math.inf  # time.monotonic() of the last mark_dead
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="distsgd-mailbox", daemon=True)
-        if peers:
-            self._thread.start()
-
-    def _loop(self) -> None:
-        header = torch.empty(_HEADER_LEN, dtype=torch.int64)
-        try:
-            while self._open:
-                header.zero_()  # a short header must not inherit the last one's trailer
-                work = _started(dist.irecv(header, None, tag=_HEADER_TAG))
-                try:
-                    work.wait(_FOREVER)
-                except RuntimeError:
-                    # A peer that dies mid-message resets its connection under the any-source
-                    # receive; with carry_on, the launcher declaring a death excuses it.
-                    if self._carry_on and self._excused():
-                        continue
-                    raise
-                src = work._source_rank()
-                try:
-                    kind, dtype, shape = parse_header(header.tolist())
-                except ValueError as e:
-                    with self._cond:
-                        self.rejected = (f"rank {self._rank} rejected a message from rank {src}: "
-                                         f"{e}")
-                        self._cond.notify_all()
-                    return  # what follows from that rank cannot be trusted
-                if header[_SEQ] != self._expected[src]:  # never a silent misread of what follows
-                    with self._cond:
-                        self.rejected = (f"rank {self._rank} rejected a message from rank {src}: "
-                                         f"it is number {int(header[_SEQ])}, not "
-                                         f"{self._expected[src]}: a message was lost")
-                        self._cond.notify_all()
-                    return
-                self._expected[src] += 1
-                if kind == _GOODBYE:
-                    self._close(src)
-                    continue
-                raw = torch.empty(torch.Size(shape).numel() * dtype.itemsize, dtype=torch.uint8)
-                if raw.numel() and not self._receive_payload(raw, src):
-                    continue
-                with self._cond:
-                    self._inbox.append((src, kind, raw.view(dtype).reshape(shape)))
-                    self._cond.notify_all()
-        except RuntimeError as e:
-            with self._cond:
-                self.failure = _first_line(e)
-                self._cond.notify_all()
-
-    def _excused(self) -> bool:
-        """Whether a failed receive is explained by a death declared within `_DEATH_GRACE`
-        seconds of it (a few failures per death at most, so a broken group still fails)."""
-        failed = time.monotonic()
-        with self._cond:
-            self._excuses += 1
-            if self._excuses > 4 * (len(self._dead) + 1):
-                return False
-            return self._cond.wait_for(
-                lambda: abs(self._last_death - failed) <= _DEATH_GRACE, _DEATH_GRACE)
-
-    def _receive_payload(self, raw: torch.Tensor, src: int) -> bool:
-        try:
-            _started(dist.irecv(raw, src, tag=_PAYLOAD_TAG)).wait(_FOREVER)
-            return True
-        except RuntimeError:
-            if not self._carry_on:
-                raise
-            self.mark_dead(src)  # it died between header and payload: drop the half message
-            return False
-
-    def _close(self, src: int) -> None:
-        with self._cond:
-            if src not in self._closed:
-                self._open -= 1
-                self._closed.add(src)
-            self._cond.notify_all()
-
-    def mark_dead(self, rank: int) -> None:
-        with self._cond:
-            if rank in self._dead:
-                return
-            self._dead.add(rank)
-            self._unannounced.append(rank)
-            self._last_death = time.monotonic()
-        self._close(rank)
-
-    def dead_ranks(self) -> frozenset[int]:
-        with self._cond:
-            return frozenset(self._dead)
-
-    def dead_to_announce(self) -> int | None:
-        """A death no any-source recv has reported yet (each is reported once), or None."""
-        with self._cond:
-            return self._unannounced.pop(0) if self._unannounced else None
-
-    def take(self, kind: int, src: int | None,
-             seconds: float | None) -> tuple[int, torch.Tensor] | None:
-        """The first message of `kind` from `src` (any rank: None), waiting up to `seconds`
-        (None: not). Messages that arrived before a death are still delivered."""
-        deadline = None if seconds is None else time.monotonic() + seconds
-        with self._cond:
-            while True:
-                for i, (sender, k, payload) in enumerate(self._inbox):
-                    if k == kind and (src is None or sender == src):
-                        del self._inbox[i]
-                        return sender, payload
-                if self.failure is not None or self.rejected is not None:
-                    return None  # nothing more will come; the caller reports why
-                if self._has_closed(src) or (src is None and self._unannounced):
-                    return None
-                left = 0.0 if deadline is None else deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
-
-    def _has_closed(self, src: int | None) -> bool:
-        return not self._open if src is None else src in self._closed
-
-    def has_closed(self, src: int | None) -> bool:
-        """Whether `src` (None: every peer) has closed, so that nothing more can come from it."""
-        with self._cond:
-            return self._has_closed(src)
-
-    def wait_all_closed(self, seconds: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: not self._open or self.failure is not None or self.rejected is not None,
-                seconds) and not self._open
-
-    def join(self) -> None:
-        """Wait for the thread (it ends after the last goodbye); drop what was never taken."""
-        if self._thread.is_alive():
-            self._thread.join(timeout=1.0)
-        with self._cond:
-            self.discarded += len(self._inbox)
-            self._inbox.clear()
-
-
-class _Outbox:
-    """Sends in flight: one daemon thread waits for each in order, then frees its payload.
-
-    gloo offers no way to poll a p2p send without risking its connection (see the module
-    docstring), so a thread blocks in ``wait`` instead; failures are kept for the owner.
-    """
-
-    def __init__(self) -> None:
-        self._queue: collections.deque[tuple[Any, torch.Tensor, int]] = collections.deque()
-        self._failures: list[tuple[int, str]] = []
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-
-    def put(self, work: Any, payload: torch.Tensor, dst: int) -> None:
-        with self._cond:
-            self._queue.append((work, payload, dst))
-            self._cond.notify_all()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="distsgd-outbox",
-                                                daemon=True)
-                self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._stopping)
-                if not self._queue:
-                    return
-                work, _, dst = self._queue[0]
-            error = None
-            try:
-                work.wait(_FOREVER)
-            except RuntimeError as e:
-                error = _first_line(e)
-            with self._cond:
-                self._queue.popleft()
-                if error is not None:
-                    self._failures.append((dst, error))
-                self._cond.notify_all()
-
-    def pending_dsts(self) -> set[int]:
-        with self._cond:
-            return {dst for _, _, dst in self._queue}
-
-    def take_failures(self) -> list[tuple[int, str]]:
-        with self._cond:
-            failures, self._failures = self._failures, []
-            return failures
-
-    def wait_empty(self, seconds: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._queue, seconds)
-
-    def stop(self) -> None:
-        """Let the thread end once its queue is empty."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=1.0)

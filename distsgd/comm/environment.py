@@ -1,0 +1,28 @@
+"""The communicator this process's environment describes, for code handed none.
+
+A process that torchrun started (its variables are set) gets a `TorchComm` joined to the job;
+any other gets None. The drop-in `DistributedOptimizer` asks here, so it never names a backend,
+and the torch backend's modules load only when the environment asks for them.
+"""
+
+from __future__ import annotations
+
+from distsgd.comm.base import Comm
+
+
+def from_environment(timeout: float = 300.0, device: str = "cpu") -> Comm | None:
+    """The communicator of this torchrun worker, or None outside torchrun. Every rank must
+    end with `shutdown(comm)`."""
+    from distsgd.comm.torch.group import from_torchrun_env
+
+    return from_torchrun_env(timeout, device)
+
+
+def shutdown(comm: Comm) -> None:
+    """End this process's part of a job `from_environment` joined (collective: every rank)."""
+    from distsgd.comm.torch import TorchComm
+    from distsgd.comm.torch.group import shutdown as end
+
+    if not isinstance(comm, TorchComm):
+        raise TypeError(f"shutdown: {type(comm).__name__} did not come from from_environment")
+    end(comm)
