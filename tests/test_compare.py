@@ -135,7 +135,7 @@ EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.toml
 
 
 def test_the_reproduction_suite_has_one_file_per_claim() -> None:
-    assert [p.name[:2] for p in EXPERIMENTS] == ["1-", "2-", "3-", "4-", "5-", "6-"]
+    assert [p.name[:2] for p in EXPERIMENTS] == ["1-", "2-", "3-", "4-", "5-", "6-", "7-", "8-", "9-"]
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
@@ -231,10 +231,10 @@ def test_resume_reruns_only_incomplete_or_outdated_cells(
     ("[grid]\nworkers = 2", "grid.algorithm is missing"),
     ("[grid]\nalgorithm = ['sgp', 'easgd']\n[grid.hyperparameters]\nperod = [1]",
      "no algorithm of the grid (sgp, easgd) has hyperparameter 'perod'; valid hyperparameters: "
-     "alpha, beta, peers, period"),
+     "alpha, beta, overlap, peers, period, synch_freq"),
     ("[grid]\nalgorithm = ['sgp']\n[grid.hyperparameters.sgp]\nperiod = [1]",
      "unknown key 'period' in [grid.hyperparameters.sgp] (sgp's hyperparameters); valid keys: "
-     "peers"),
+     "overlap, peers, synch_freq"),
     ("[grid]\nalgorithm = ['sgp']\n[grid.hyperparameters.easgd]\nperiod = [1]",
      "easgd is not in grid.algorithm; valid choices: sgp"),
     ("[grid]\nalgorithm = 'easgd'\n[grid.hyperparameters]\nperiod = [1.5]",

@@ -128,7 +128,7 @@ def test_cli_prints_the_table_and_writes_the_plot(
     (["--compute-time", "0"], "compute_time=0.0 is out of range: valid values lie in (0, inf)"),
     (["--window", "0"], "window=0 is out of range"),
     (["--slowdown", "gauss"], "valid values: 'none' or 'lognormal:SIGMA'"),
-    (["-a", "sgp", "--set", "shards=2"], "valid hyperparameters: peers"),
+    (["-a", "sgp", "--set", "shards=2"], "valid hyperparameters: overlap, peers, synch_freq"),
     (["--set", "shards"], "--set 'shards' is not NAME=VALUE"),
     (["-a", "crossover", "--set", "groups=8", "-n", "16,4"], "groups=8 is out of range for 4"),
 ])

@@ -410,3 +410,21 @@ def test_byte_counters_follow_the_conventions() -> None:
     assert [c["all_reduce"] for c in counts] == [600] * 4
     assert [c["broadcast"] for c in counts] == [0, 800, 400, 0]
     assert world.bytes_sent() == [sum(c.values()) for c in counts]
+
+
+def test_hundreds_of_workers_blocking_deep_in_their_stacks() -> None:
+    """Each worker starts from `run`'s stack, not from the worker that handed it the baton:
+    started one inside another, 256 workers blocking 20 frames deep exceeded Python's recursion
+    limit (`distsgd project` at 128+ workers failed with RecursionError)."""
+
+    def body(comm: SimComm) -> int:
+        def deep(n: int) -> int:
+            if n == 0:
+                comm.elapse(1e-3)
+                comm.all_reduce_(torch.ones(3))
+                return comm.rank
+            return deep(n - 1)
+
+        return deep(20)
+
+    assert SimWorld(256, NetworkModel()).run(body) == list(range(256))

@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from distsgd import checkpoint
 from distsgd.algorithms.context import WorkerContext
+from distsgd.checkpoint import walk as checkpoint
 
 
 class TrainingHooks:

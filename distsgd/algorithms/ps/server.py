@@ -16,11 +16,12 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
-from distsgd import checkpoint, mixing
+from distsgd import mixing
 from distsgd.algorithms.context import WorkerContext
 from distsgd.algorithms.hooks import ServerRole
 from distsgd.algorithms.ps import wire
 from distsgd.algorithms.ps.staleness import HIST_BINS, stats_dict, stats_vector
+from distsgd.checkpoint import walk as checkpoint
 from distsgd.comm.base import Comm
 from distsgd.errors import PeerDied, ProtocolError
 

@@ -8,7 +8,7 @@ shard followed by the server's version and lowest worker clock as raw float64 bi
 The paper's protocol is PUSH (dense or sparse), PULL, ELASTIC and DONE. What measurement and
 checkpoints ask of a server (its evaluated model, its state) is not part of it: those go through
 one SERVICE kind whose count names the request (`SERVICES`), answered by one length-prefixed
-`checkpoint.to_bytes` message, outside the byte counts.
+`checkpoint_wire.to_bytes` message, outside the byte counts.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from distsgd import checkpoint, mixing
+from distsgd import mixing
+from distsgd.checkpoint import walk
+from distsgd.checkpoint import wire as checkpoint_wire
 from distsgd.comm.base import Comm
 from distsgd.errors import ProtocolError
 
@@ -87,7 +89,7 @@ def unpack_reply(reply: torch.Tensor, size: int) -> tuple[torch.Tensor, int, flo
 
 def send_service_reply(comm: Comm, dst: int, value: Any) -> None:
     """`value` (plain data, tensors on any device) as its length, then its bytes."""
-    blob = checkpoint.to_bytes(checkpoint.capture(value))
+    blob = checkpoint_wire.to_bytes(walk.capture(value))
     comm.send(torch.tensor([float(blob.numel())], dtype=torch.float64), dst)
     comm.send(blob, dst)
 
@@ -97,4 +99,4 @@ def recv_service_reply(comm: Comm, src: int) -> Any:
     comm.recv(size, src=src)
     blob = torch.empty(int(size), dtype=torch.uint8)
     comm.recv(blob, src=src)
-    return checkpoint.from_bytes(blob)
+    return checkpoint_wire.from_bytes(blob)

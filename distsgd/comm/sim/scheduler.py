@@ -241,9 +241,12 @@ class Scheduler:
             raise _Aborted()
         nxt = self._successor()
         grad = torch.is_grad_enabled()  # thread-local in torch: each worker keeps its own
-        if nxt is None:
+        if nxt is None or (nxt is not w and not nxt.greenlet):
+            # Nobody can act, or the next worker has not started: `run` starts it from its own
+            # shallow stack. A greenlet started here would inherit this worker's Python
+            # recursion depth, and 100+ workers started one inside another hit the limit.
             assert self._main is not None
-            self._main.switch(None)
+            self._main.switch(nxt)
         elif nxt is not w:
             assert nxt.greenlet is not None
             nxt.greenlet.switch()
