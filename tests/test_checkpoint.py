@@ -21,7 +21,7 @@ import distsgd
 from distsgd import checkpoint, cli, mixing
 from distsgd.algorithms import REGISTRY
 from distsgd.comm.sim import SimWorld
-from distsgd.errors import CheckpointError, UsageError
+from distsgd.errors import CheckpointError, StorageError, UsageError
 from distsgd.runtime import RunResult
 
 pytestmark = pytest.mark.timeout(300)
@@ -198,18 +198,17 @@ def test_a_malformed_checkpoint_message_is_an_error_not_unpickled(damage: str) -
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     checkpoint.save(tmp_path, {"step": 1})
-    real_save = torch.save
 
     def dies_halfway(obj: Any, f: Any) -> None:
-        real_save(obj, f)
-        f.truncate(10)
+        f.write(b"half a checkpoint")  # what a writer that dies halfway leaves
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", dies_halfway)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="cannot write .*checkpoint.pt: disk full"):
         checkpoint.save(tmp_path, {"step": 2})
     monkeypatch.undo()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
 
 
 # ------------------------------------------------------------------------ bad input
