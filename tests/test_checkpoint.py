@@ -204,7 +204,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path,
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", dies_halfway)
-    with pytest.raises(StorageError, match="cannot write .*checkpoint.pt: disk full"):
+    with pytest.raises(StorageError, match=r"cannot write .*checkpoint\.pt: disk full"):
         checkpoint.save(tmp_path, {"step": 2})
     monkeypatch.undo()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1

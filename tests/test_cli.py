@@ -30,7 +30,8 @@ def test_short_run_writes_the_run_folder(
 
     config = json.loads((out / "config.json").read_text())
     assert config["algorithm"] == "sgp" and config["workers"] == 3
-    assert config["hyperparameters"] == {"peers": 1, "overlap": False, "synch_freq": 0}  # resolved, so the run can be repeated
+    # resolved, so the run can be repeated
+    assert config["hyperparameters"] == {"peers": 1, "overlap": False, "synch_freq": 0}
 
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 4, 8, 12]

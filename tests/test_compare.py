@@ -135,7 +135,7 @@ EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.toml
 
 
 def test_the_reproduction_suite_has_one_file_per_claim() -> None:
-    assert [p.name[:2] for p in EXPERIMENTS] == ["1-", "2-", "3-", "4-", "5-", "6-", "7-", "8-", "9-"]
+    assert [p.name[:2] for p in EXPERIMENTS] == [f"{n}-" for n in range(1, 10)]
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
