@@ -272,12 +272,17 @@ def _join(procs: list[Any]) -> None:
 
 
 def _terminate(procs: list[Any]) -> None:
-    """SIGTERM every live worker, SIGKILL those still alive after a grace period; reap all."""
+    terminate(procs, _TERM_GRACE)
+
+
+def terminate(procs: list[Any], grace: float) -> None:
+    """SIGTERM every live process, SIGKILL those still alive after `grace` seconds; reap all
+    (the launcher's workers, and compare's pool)."""
     live = [p for p in procs if p.is_alive()]
     for p in live:
         with contextlib.suppress(OSError):
             p.terminate()
-    end = time.monotonic() + _TERM_GRACE
+    end = time.monotonic() + grace
     for p in live:
         p.join(max(0.0, end - time.monotonic()))
     for p in live:

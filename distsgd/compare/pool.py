@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any
 
+from distsgd import launch
+
 TERM_GRACE = 3.0  # seconds between SIGTERM and SIGKILL when the pool is stopped
 _EXIT_GRACE = 5.0  # seconds an idle worker may take to exit once told to
 _WATCH_PERIOD = 0.5  # seconds between looks at the parent's pid (where prctl is missing)
@@ -135,18 +137,7 @@ class Pool:
 
 def _end(workers: list[_Worker]) -> None:
     """SIGTERM, then SIGKILL those still alive after `TERM_GRACE` seconds; reap every one."""
-    live = [w.process for w in workers if w.process.is_alive()]
-    for p in live:
-        with contextlib.suppress(OSError):
-            p.terminate()
-    end = time.monotonic() + TERM_GRACE
-    for p in live:
-        p.join(max(0.0, end - time.monotonic()))
-    for p in live:
-        if p.is_alive():
-            with contextlib.suppress(OSError):
-                p.kill()
-            p.join(TERM_GRACE)
+    launch.terminate([w.process for w in workers], TERM_GRACE)
 
 
 def _exit_reason(code: int | None) -> str:
