@@ -14,7 +14,8 @@ says otherwise. Per step, in virtual seconds (the slowest worker's clock / steps
     .venv/bin/python -m benchmarks.osgp_overlap
     .venv/bin/python -m benchmarks.osgp_overlap --rate 1000 --workers 16 --synch-freq 0,1,3
 
-The simulator is deterministic: one run per row, no spread.
+The simulator is deterministic: one run per row, no spread. Real processes on a shaped link:
+``python -m benchmarks.network --rates 1000 --algorithms allreduce,sgp,sgp:overlap=true``.
 """
 
 from __future__ import annotations

@@ -32,8 +32,9 @@ def train(**options: object) -> RunResult:
     >>> result.summary["test_accuracy"]
     """
     from distsgd.runtime import run
+    from distsgd.torchrun_job import with_default_workers
 
-    return run(RunConfig.create(**options))
+    return run(RunConfig.create(**with_default_workers(options)))
 
 
 def resume(run_dir: str | Path, *, progress: bool = False,

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from distsgd import algorithms
 from distsgd.cli_args import RESUME_OPTIONS, TRAIN_DEFAULTS, build_parser
-from distsgd.errors import DistSGDError, UsageError, check_range
+from distsgd.errors import DistSGDError, StorageError, UsageError, check_range
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -50,7 +50,7 @@ def _print_result(result: Any) -> None:
         print(format_summary(result.summary, str(result.out)))
     else:  # stopped at a checkpoint (--stop-after)
         print(f"distsgd: stopped after the checkpoint at step {result.stopped_at}; continue "
-              f"with: distsgd train --resume {result.out}")
+              f"with: {result.resume_with}")
 
 
 def _parse_stragglers(items: list[str]) -> tuple[tuple[int, float], ...]:
@@ -111,7 +111,7 @@ def _workers(args: argparse.Namespace, backend: str) -> int:
     """--workers, by default what a torchrun job holds (its processes less the algorithm's
     servers), else RunConfig's default."""
     from distsgd.config import RunConfig
-    from distsgd.runtime import torchrun_workers
+    from distsgd.torchrun_job import torchrun_workers
 
     if args.workers is not None:
         return int(args.workers)
@@ -147,7 +147,11 @@ def _compare(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from distsgd.report import make_report
 
-    report = make_report(args.dirs, args.out)
+    try:
+        report = make_report(args.dirs, args.out)
+    except OSError as e:  # what it reads is checked as it is read: this is a report file
+        path = e.filename or args.out or "the report folder"
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
     unfinished = sum(not r.finished for r in report.runs)
     print(f"distsgd report: {len(report.runs)} runs ({unfinished} unfinished) -> {report.out}")
     for path in (report.html, report.markdown, *report.plots):
@@ -203,7 +207,8 @@ def format_summary(s: dict[str, Any], out: str) -> str:
         f"  train loss          {num(s['train_loss'], '.4f')}",
         f"  consensus distance  {num(s['consensus_distance'], '.4g')}",
         f"  bytes sent          {s['bytes_sent'] / 1e6:.2f} MB ({per_worker / 1e6:.2f} MB/worker)",
-        f"  real time           {s['real_time_s']:.2f} s",
+        f"  start-up            {num(s.get('startup_s'), '.2f')} s",
+        f"  real time           {s['real_time_s']:.2f} s (from the first step)",
         f"  virtual time        {num(s['virtual_time_s'], '.4f')} s",
         f"  samples/s           {num(s['samples_per_s'], ',.0f')}",
         f"  run folder          {out}",
@@ -277,17 +282,24 @@ def _main(argv: Sequence[str] | None) -> int:
         command = {"train": _train, "compare": _compare, "report": _report, "project": _project}
         return command[args.command](args)
     except UsageError as e:
-        print(f"distsgd: error: {_one_line(e)}", file=sys.stderr)
+        _say(f"distsgd: error: {_one_line(e)}")
         return EXIT_USAGE
     except DistSGDError as e:
-        print(f"distsgd: run failed: {_one_line(e)}", file=sys.stderr)
+        _say(f"distsgd: run failed: {_one_line(e)}")
         return EXIT_FAILED
     except Terminated:
-        print("distsgd: terminated", file=sys.stderr)
+        _say("distsgd: terminated")
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("distsgd: interrupted", file=sys.stderr)
+        _say("distsgd: interrupted")
         return 130
+
+
+def _say(line: str) -> None:
+    """`line` on stderr in one write: the ranks of a torchrun job share one stream, and print's
+    two writes (the text, then the newline) let their lines run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def entry() -> NoReturn:

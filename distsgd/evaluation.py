@@ -39,12 +39,20 @@ from distsgd.observer import Contribution
 
 
 class Evaluator:
-    """Turns aggregated worker state into metrics lines and, at the last step, the summary."""
+    """Turns aggregated worker state into metrics lines and, at the last step, the summary.
+
+    Its clock (`real_time_s`) runs from the first step, once every worker has started (the
+    observers call `start_clock`); what came before (spawn, rendezvous, loading the data and the
+    models, the step-0 evaluation) is start-up, `startup_s`, counted from `launched` (a
+    `time.time()`, maybe another process's; default: now)."""
 
     def __init__(self, cfg: RunConfig, dataset: data.Dataset, folder: RunFolder | None,
-                 total_steps: int, started: float | None = None) -> None:
+                 total_steps: int, launched: float | None = None) -> None:
         self.cfg, self.dataset, self.folder, self.total = cfg, dataset, folder, total_steps
-        self.started = time.perf_counter() if started is None else started
+        self.launched = time.time() if launched is None else launched
+        self.started: float | None = None  # perf_counter() at the first step (`start_clock`)
+        self.carried = 0.0  # real time before this invocation (a resumed run's)
+        self.startup_s = 0.0  # start-up so far: earlier invocations', then this one's added
         torch.manual_seed(cfg.seed)
         self.model = models.build(cfg.model_name, dataset.input_shape, dataset.num_classes)
         self.flat = FlatState(self.model)
@@ -52,15 +60,28 @@ class Evaluator:
         self.listeners: list[Any] = []  # callables given each record (the progress display)
         self.loss_sum, self.loss_count = 0.0, 0  # totals at the previous record
 
+    def start_clock(self) -> None:
+        """The first step is about to be taken: start-up ends and real time starts (once)."""
+        if self.started is None:
+            self.started = time.perf_counter()
+            self.startup_s += max(0.0, time.time() - self.launched)
+
+    def real_time(self) -> float:
+        """Seconds of training so far: since the first step, plus a resumed run's earlier ones."""
+        running = 0.0 if self.started is None else time.perf_counter() - self.started
+        return self.carried + running
+
     def state_dict(self) -> dict[str, Any]:
         """The running totals a resumed run goes on from (docs/checkpoints.md)."""
         return {"loss_sum": self.loss_sum, "loss_count": self.loss_count,
-                "real_time_s": time.perf_counter() - self.started}
+                "real_time_s": self.real_time(), "startup_s": self.startup_s}
 
     def load_state_dict(self, saved: dict[str, Any], records: list[dict[str, Any]]) -> None:
         """Go on from a checkpoint; `records` are the metrics lines kept up to it."""
         self.loss_sum, self.loss_count = saved["loss_sum"], saved["loss_count"]
-        self.started = time.perf_counter() - saved["real_time_s"]  # real time keeps counting
+        # Real time and start-up keep counting; checkpoints written before start-up was
+        # measured have no startup_s (theirs is unknown: none is added).
+        self.carried, self.startup_s = saved["real_time_s"], saved.get("startup_s", 0.0)
         self.records = list(records)
 
     def record_all(self, step: int, parts: list[Contribution], now: float | None) -> None:
@@ -88,7 +109,7 @@ class Evaluator:
             "step": step,
             "epoch": samples / len(self.dataset.y_train),
             "samples": samples,
-            "real_time_s": time.perf_counter() - self.started,
+            "real_time_s": self.real_time(),
             "virtual_time_s": virtual_time,
             "train_loss": loss_sum / loss_count if loss_count else None,
             "test_loss": test_loss,
@@ -128,8 +149,10 @@ class Evaluator:
             "bytes_sent": last["bytes_sent"],
             "bytes_sent_per_worker": last["bytes_sent_per_worker"],
             "real_time_s": last["real_time_s"],
+            "startup_s": self.startup_s,
             "virtual_time_s": last["virtual_time_s"],
-            # Throughput in the time that matters for the backend: modelled in the simulator.
+            # Throughput in the time that matters for the backend: modelled in the simulator,
+            # from the first step on real processes (start-up is not training).
             "samples_per_s": last["samples"] / elapsed if elapsed else None,
             **{k: v for k, v in last.items()
                if k not in METRIC_FIELDS and k != "bytes_sent_per_worker"},
@@ -194,7 +217,8 @@ class SimObserver(StepObserver):
 
     def resumed(self, ctx: WorkerContext) -> None:
         assert self.checkpoints is not None
-        self.checkpoints.restore_sim(ctx)
+        self.checkpoints.restore_sim(ctx)  # returns once every worker has rebuilt itself
+        self.evaluator.start_clock()
 
     def checkpoint(self, ctx: WorkerContext, step: int) -> None:
         # Every worker parks after its step `step`, so no message is in flight (each step's
@@ -209,6 +233,8 @@ class SimObserver(StepObserver):
         if len(got) == self.workers:
             del self.pending[step]
             self.evaluator.record_all(step, [got[i] for i in range(self.workers)], None)
+            # Step 0: every worker has started (the first to step already has: a few ms).
+            self.evaluator.start_clock()
 
 
 class BudgetObserver:
@@ -244,10 +270,12 @@ class BudgetObserver:
         if cp is not None:
             cp.register(ctx.index, capture)
             if cp.resume is not None:
-                cp.restore_sim(ctx)
+                cp.restore_sim(ctx)  # returns once every worker has rebuilt itself
+                self.evaluator.start_clock()
                 return
         if len(self.snapshots) == self.workers:
             self._record(ctx)
+            self.evaluator.start_clock()  # every worker has started
 
     def take(self, ctx: WorkerContext, done: int) -> bool:
         cp, n = self.checkpoints, self.workers
@@ -299,6 +327,12 @@ class CollectiveObserver(StepObserver):
         # totals stay in the sums, so the loss since the previous record stays right.
         self.seen: dict[int, list[float]] = {}
 
+    def begin(self, ctx: WorkerContext, snapshot: Snapshot, capture: Capture | None = None) -> None:
+        super().begin(ctx, snapshot, capture)
+        # Step 0's collectives waited for every worker to start (a resumed run: its own start).
+        if self.evaluator is not None:
+            self.evaluator.start_clock()
+
     def stepped(self, ctx: WorkerContext, done: int, snapshot: Snapshot) -> None:
         ctx.comm.note_step(done)
         super().stepped(ctx, done, snapshot)
@@ -347,10 +381,10 @@ class CollectiveObserver(StepObserver):
         distance = float(torch.linalg.vector_norm(stacked[:, :size] - mean, dim=1).mean())
         self.seen.update({i: p[2 * size + 1:2 * size + 4].tolist() for i, p in parts.items()})
         totals = torch.tensor([self.seen.get(i, [0.0] * 3) for i in range(ctx.workers)])
-        # When each died, on this record's clock: seconds since the evaluator started.
-        started = time.time() - (time.perf_counter() - self.evaluator.started)
+        # When each died, on this record's clock (negative: before the first step).
+        now, real_time = time.time(), self.evaluator.real_time()
         failed = [{"rank": r, "worker": ctx.worker_ranks.index(r), "last_step": last,
-                   "real_time_s": round(died - started, 3)}
+                   "real_time_s": round(real_time - (now - died), 3)}
                   for r, (last, died) in sorted(comm.deaths().items()) if r in ctx.worker_ranks]
         self.evaluator.record(step, stacked[:, size:2 * size].sum(0) / weight, distance,
                               float(totals[:, 0].sum()), int(totals[:, 1].sum()),

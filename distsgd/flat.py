@@ -1,8 +1,9 @@
 """A model's communicated state as one flat vector: parameters, then floating-point buffers.
 
-Algorithms exchange parameters and BatchNorm running statistics alike (ALGORITHMS.md), so both go
-into the vector; integer buffers (``num_batches_tracked``) stay local. Gradients exist only for the
-parameter part, which is the vector's prefix of length ``num_params``.
+Algorithms exchange parameters and BatchNorm running statistics alike (the design's algorithm
+notes), so both go into the vector; integer buffers (``num_batches_tracked``) stay local.
+Gradients exist only for the parameter part, which is the vector's prefix of length
+``num_params``.
 """
 
 from __future__ import annotations

@@ -26,12 +26,14 @@ from typing import Any
 
 from distsgd.errors import StorageError, UsageError
 
-# Fields every metrics line has (DESIGN.md); algorithms may add more (e.g. staleness).
+# Fields every metrics line has (the run folder's format); algorithms may add more (staleness).
+# real_time_s counts from the first training step; what came before is the summary's startup_s.
 METRIC_FIELDS = ("step", "epoch", "samples", "real_time_s", "virtual_time_s", "train_loss",
                  "test_loss", "test_accuracy", "consensus_distance", "bytes_sent")
 SUMMARY_FIELDS = ("algorithm", "hyperparameters", "backend", "workers", "steps", "epochs",
                   "test_accuracy", "test_loss", "train_loss", "consensus_distance", "bytes_sent",
-                  "bytes_sent_per_worker", "real_time_s", "virtual_time_s", "samples_per_s")
+                  "bytes_sent_per_worker", "real_time_s", "startup_s", "virtual_time_s",
+                  "samples_per_s")
 # The files that make a folder a run's (a checkpoint: `distsgd.checkpoint.FILE`), and those an
 # overwrite removes with them (a failed compare cell's error, temporary files a kill left).
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt")

@@ -192,7 +192,7 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("SGP (Assran et al. 2019)", "sgp", 4, 32, 0.886, True),
     Claim("Crossover-SGD (Yeo et al. 2020)", "allreduce", 4, 16, 2.4, False),
     Claim("Crossover-SGD (Yeo et al. 2020)", "crossover", 4, 16, 3.3, False),
-    # Crossover's SGP baseline sends to 2 peers with weights 1/3 (ALGORITHMS.md).
+    # The Crossover-SGD paper's SGP baseline sends to 2 peers with weights 1/3.
     Claim("Crossover-SGD (Yeo et al. 2020)", "sgp", 4, 16, 3.4, False, (("peers", "2"),)),
 )
 # SGP's abstract: 90 epochs on 32 nodes take about 1.6 h with SGP and over 5 h with AllReduce.

@@ -6,7 +6,6 @@ runs `train.worker_loop`; only the communicator and the observer differ.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from distsgd import checkpoint, data, models
+from distsgd import checkpoint, data, models, torchrun_job
 from distsgd.algorithms.base import Algorithm
 from distsgd.checkpoint import Checkpoints
 from distsgd.comm.base import Comm
@@ -40,19 +39,21 @@ class RunResult:
     workers: list[WorkerResult] = field(default_factory=list)  # empty under torchrun
     stopped_at: int | None = None  # the checkpoint step a --stop-after run stopped at
     reporting: bool = True  # False on the ranks of a torchrun job that print nothing
+    resume_with: str | None = None  # a stopped run's: the command that continues it
 
 
 def run(cfg: RunConfig) -> RunResult:
+    launched = time.time()  # start-up (the summary's startup_s) counts from here
     cfg.check()
     if cfg.backend == "torchrun":
-        return _torchrun(cfg)
+        return _torchrun(cfg, launched, lambda: _prepare(cfg))
     if cfg.backend == "processes":
         check_main_guard('distsgd.train(backend="processes")')
     dataset = data.load(cfg.dataset, cfg.data_dir)  # fails early, before any worker starts
     cfg.check_length(cfg.total_steps(dataset))
     folder = _prepare(cfg)
     try:
-        return _start(cfg, dataset, folder, None)
+        return _start(cfg, dataset, folder, None, launched)
     finally:
         folder.release()
 
@@ -66,6 +67,7 @@ def resume(run_dir: str | Path, *, progress: bool = False,
     A folder that is not a run, has no checkpoint, or a damaged or foreign one raises
     `CheckpointError` and is left untouched.
     """
+    launched = time.time()
     _, saved = checkpoint.load(run_dir)
     options = {**saved["config"], "out": str(run_dir), "progress": progress,
                "stop_after": stop_after}
@@ -74,9 +76,9 @@ def resume(run_dir: str | Path, *, progress: bool = False,
         cfg = RunConfig.create(**options)
     except UsageError as e:  # the file's fault, not the command line's: exit 1
         raise CheckpointError(f"{path} holds a run config that is not valid: {e}") from None
-    if cfg.backend == "torchrun":
-        raise UsageError("resume: runs started under torchrun are resumed by starting torchrun "
-                         "again; valid backends for --resume: sim, processes")
+    if cfg.backend == "torchrun" and not torchrun_job.is_torchrun():
+        raise UsageError(f"resume: the run in {run_dir} was started under torchrun; resume it "
+                         f"with {torchrun_job.resume_command(run_dir, cfg)}")
     if stop_after is not None and stop_after <= saved["step"]:
         raise UsageError(f"stop_after={stop_after} is not a checkpoint step after the "
                          f"checkpoint's step {saved['step']}: valid values are multiples of "
@@ -88,21 +90,33 @@ def resume(run_dir: str | Path, *, progress: bool = False,
     cfg.check_length(total)
     model = models.build(cfg.model_name, dataset.input_shape, dataset.num_classes)
     checkpoint.check_for_run(saved, cfg, total, model, path)
+    if cfg.backend == "torchrun":  # every rank has read and checked the checkpoint by now
+        return _torchrun(cfg, launched, lambda: _reopen(run_dir, saved), str(path))
+    folder = _reopen(run_dir, saved)
+    try:
+        return _start(cfg, dataset, folder, saved, launched)
+    finally:
+        folder.release()
+
+
+def _reopen(run_dir: str | Path, saved: dict[str, Any]) -> RunFolder:
+    """The folder of a run being resumed, locked, its files back at the checkpoint's step."""
     folder = RunFolder.open(run_dir)  # a run still going on it: refused, nothing changed
     try:
         checkpoint.keep_metrics_through(run_dir, saved["metrics_step"])  # the first change made
         # A summary from before (the run had finished, then was resumed from its last
         # checkpoint) would describe a run that is being redone: it is written again at the end.
         Path(run_dir, "summary.json").unlink(missing_ok=True)
-        return _start(cfg, dataset, folder, saved)
-    finally:
+    except BaseException:
         folder.release()
+        raise
+    return folder
 
 
 def _start(cfg: RunConfig, dataset: data.Dataset, folder: RunFolder,
-           saved: dict[str, Any] | None) -> RunResult:
+           saved: dict[str, Any] | None, launched: float | None = None) -> RunResult:
     if cfg.backend == "sim":
-        results = _simulate(cfg, dataset, folder, saved)
+        results = _simulate(cfg, dataset, folder, saved, launched)
     else:
         from distsgd import launch
 
@@ -110,16 +124,23 @@ def _start(cfg: RunConfig, dataset: data.Dataset, folder: RunFolder,
         first_worker = cfg.roles().workers[0]
         path = str(folder.path / checkpoint.FILE) if saved is not None else None
         results = launch.launch(_process_entry, cfg.world_size(),
-                                args=(cfg, str(folder.path), path),
+                                args=(cfg, str(folder.path), path, launched),
                                 comm_timeout=cfg.timeout, on_failure=cfg.on_failure,
                                 essential=range(first_worker + 1), device=cfg.device)
         results = [r for r in results if r is not None]  # None: a worker that died
     # summary.json was written once, by the last evaluation: by then every worker's last update
-    # has been applied, so its staleness figures equal the servers' own (tests check it). A run
-    # stopped at a checkpoint (--stop-after) has none yet.
-    done = (folder.path / "summary.json").is_file()
-    return RunResult(folder.path, read_summary(folder.path) if done else {},
-                     read_metrics(folder.path), results, None if done else cfg.stop_after)
+    # has been applied, so its staleness figures equal the servers' own (tests check it).
+    return _result(cfg, folder, results)
+
+
+def _result(cfg: RunConfig, folder: RunFolder, results: list[WorkerResult]) -> RunResult:
+    """What the run left in its folder; one stopped at a checkpoint (--stop-after) has no
+    summary yet, and the command that continues it instead."""
+    if (folder.path / "summary.json").is_file():
+        return RunResult(folder.path, read_summary(folder.path), read_metrics(folder.path),
+                         results)
+    return RunResult(folder.path, {}, read_metrics(folder.path), results, cfg.stop_after,
+                     resume_with=torchrun_job.resume_command(folder.path, cfg))
 
 
 def _prepare(cfg: RunConfig) -> RunFolder:
@@ -151,14 +172,15 @@ def _checkpoints(cfg: RunConfig, folder: RunFolder | None, total: int, evaluator
 
 
 def _simulate(cfg: RunConfig, dataset: data.Dataset, folder: RunFolder,
-              saved: dict[str, Any] | None = None) -> list[WorkerResult]:
+              saved: dict[str, Any] | None = None,
+              launched: float | None = None) -> list[WorkerResult]:
     # --link A:B:LATENCY:BANDWIDTH overrides both directions of one link (global ranks).
     links = {}
     for a, b, latency, bandwidth in cfg.links:
         links[(a, b)] = links[(b, a)] = Link(latency, bandwidth)
     world = SimWorld(cfg.world_size(), NetworkModel(cfg.latency, cfg.bandwidth, links))
     total = cfg.total_steps(dataset)
-    evaluator = Evaluator(cfg, dataset, folder, total)
+    evaluator = Evaluator(cfg, dataset, folder, total, launched)
     evals = eval_steps(cfg, total)
     observer: SimObserver | BudgetObserver
     if cfg.make_algorithm().synchronous:
@@ -216,7 +238,8 @@ def simulate_ranks(algorithm: Algorithm | str, workers: int, body: Callable[[Com
 
 
 def _process_entry(comm: Comm, cfg: RunConfig, out: str | None,
-                   resume_from: str | None = None) -> WorkerResult:
+                   resume_from: str | None = None,
+                   launched: float | None = None) -> WorkerResult:
     """One real worker process (launched locally or by torchrun); `resume_from`: the checkpoint
     file every rank reads its own part from."""
     dataset = data.load(cfg.dataset, cfg.data_dir)
@@ -229,7 +252,7 @@ def _process_entry(comm: Comm, cfg: RunConfig, out: str | None,
     bar = None
     if comm.rank == first_worker:
         folder = RunFolder(out) if out is not None else None
-        evaluator = Evaluator(cfg, dataset, folder, total, started=time.perf_counter())
+        evaluator = Evaluator(cfg, dataset, folder, total, launched)
         bar = _progress(cfg, total, evaluator)
     observer = CollectiveObserver(evaluator, total, eval_steps(cfg, total),
                                   reports=cfg.on_failure == "continue")
@@ -244,49 +267,16 @@ def _process_entry(comm: Comm, cfg: RunConfig, out: str | None,
             bar.close()
 
 
-def torchrun_workers(algorithm: Algorithm) -> int | None:
-    """The training workers a torchrun job holds: its processes (WORLD_SIZE) less the
-    algorithm's servers (`distsgd train --workers`'s default there); None outside torchrun."""
-    world = os.environ.get("WORLD_SIZE")
-    if world is None or "RANK" not in os.environ:
-        return None
-    return len(Roles.of_world(algorithm, int(world)).workers)
-
-
-def _torchrun(cfg: RunConfig) -> RunResult:
-    from distsgd.comm.torch import group
-
-    if not group.is_torchrun():
-        raise UsageError("backend 'torchrun' needs the environment torchrun sets (RANK, "
-                         "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); start it with "
-                         "torchrun ... -m distsgd train ..., or use --backend sim|processes")
-    # Checked, and the run folder made, before joining the job: a mistake then ends this rank
-    # with one line, and no communicator (no mailbox thread) is left to wind down.
-    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    if world != cfg.world_size():
-        try:
-            fits = f"--workers {torchrun_workers(cfg.make_algorithm())} (the default)"
-        except UsageError as e:
-            fits = f"none ({e})"
-        raise UsageError(f"torchrun started {world} processes but --workers {cfg.workers} with "
-                         f"{cfg.algorithm} needs {cfg.world_size()}; valid: {fits}")
-    folder = _prepare(cfg) if rank == cfg.roles().workers[0] else None
-    try:
-        comm = group.from_torchrun_env(timeout=cfg.timeout, device=cfg.device)
-        assert comm is not None  # is_torchrun() above
-        try:
-            result = _process_entry(comm, cfg, str(folder.path) if folder else None)
-        finally:
-            group.shutdown(comm)
-    finally:
-        if folder is not None:
-            folder.release()
+def _torchrun(cfg: RunConfig, launched: float, claim: Callable[[], RunFolder],
+              resume_from: str | None = None) -> RunResult:
+    """This process's part of a torchrun job; `claim()` takes the run folder on the first worker
+    (`_prepare`, or `_reopen` to resume from the checkpoint file `resume_from`)."""
+    torchrun_job.check_world(cfg, resuming=resume_from is not None)
+    folder, result = torchrun_job.join(cfg, claim, lambda comm, folder: _process_entry(
+        comm, cfg, str(folder.path) if folder else None, resume_from, launched))
     if folder is None:  # not the reporting rank: its result only, nothing to print
         return RunResult(Path(), {}, [], [result], reporting=False)
-    # A --stop-after run stopped at a checkpoint has no summary yet.
-    done = (folder.path / "summary.json").is_file()
-    return RunResult(folder.path, read_summary(folder.path) if done else {},
-                     read_metrics(folder.path), [result], None if done else cfg.stop_after)
+    return _result(cfg, folder, [result])
 
 
 class _Bar:

@@ -37,7 +37,7 @@ def _metrics(result: RunResult) -> list[dict[str, Any]]:
 
 
 def _summary(result: RunResult) -> dict[str, Any]:
-    return {k: v for k, v in result.summary.items() if k not in ("real_time_s",)}
+    return {k: v for k, v in result.summary.items() if k not in ("real_time_s", "startup_s")}
 
 
 def _assert_identical(a: RunResult, b: RunResult) -> None:

@@ -88,12 +88,12 @@ def test_diloco_matches_the_papers_algorithm() -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_one_fragment_no_delay_full_mixing_is_plain_diloco() -> None:
+def test_one_fragment_no_delay_no_local_weight_is_plain_diloco() -> None:
     # Plain DiLoCo is the reference above; the streaming options at their neutral values must
     # not change a bit of what the plain configuration computes.
     plain = simulate(4, DiLoCo(H=3, outer_lr=0.5, outer_momentum=0.8), steps=10)
     streaming = simulate(4, DiLoCo(H=3, outer_lr=0.5, outer_momentum=0.8, fragments=1, tau=0,
-                                   alpha=1.0, precision="float32"), steps=10)
+                                   alpha=0.0, precision="float32"), steps=10)
     assert all(torch.equal(a, b) for a, b in zip(plain, streaming, strict=True))
 
 
@@ -127,17 +127,18 @@ def test_overlap_merges_tau_steps_after_the_synchronisation() -> None:
 
 
 def test_mixing_alpha_keeps_part_of_the_local_model() -> None:
+    # α weighs the local copy (Streaming DiLoCo's and torchft's convention): x ← α x + (1 − α) θ.
     seen: dict[int, list[torch.Tensor]] = {}
-    simulate(3, DiLoCo(H=4, alpha=0.5, outer_lr=1.0, outer_momentum=0.0), steps=4,
+    simulate(3, DiLoCo(H=4, alpha=0.25, outer_lr=1.0, outer_momentum=0.0), steps=4,
              watch=lambda o: spread_by_layer(o, seen))
-    # Just before the merge each worker holds x_i; the merge gives (θ + x_i)/2 with θ the mean:
-    # still apart, each at half its distance from the mean, and the mean unchanged.
+    # Just before the merge each worker holds x_i; the merge gives x_i/4 + 3θ/4 with θ the mean:
+    # still apart, each at a quarter of its distance from the mean, and the mean unchanged.
     before: dict[int, list[torch.Tensor]] = {}
     simulate(3, DiLoCo(H=100), steps=4, watch=lambda o: spread_by_layer(o, before))
     xs, merged = before[4], seen[4]
     mean = sum(xs) / 3
     for x, m in zip(xs, merged, strict=True):
-        torch.testing.assert_close(m, (mean + x) / 2, atol=1e-6, rtol=0)
+        torch.testing.assert_close(m, 0.25 * x + 0.75 * mean, atol=1e-6, rtol=0)
     assert not identical(merged, slice(None))
 
 

@@ -284,69 +284,104 @@ def test_bad_overlap_options_are_one_line_usage_errors(settings: dict[str, Any],
 
 
 # ------------------------------------------------------------------ real processes
-PARITY = dict(algorithm="sgp", workers=4, steps=12, eval_every=6, model="mlp", seed=5)
+# Starting processes is the slow part (most of this file's time): one launch of 4 runs both
+# scenarios, and the same function runs in the simulator for reference.
+def _cut(comm: Comm) -> tuple[torch.Tensor, dict[str, int], bool]:
+    """OSGP (synch_freq=0, two in-peers a step) for 4 steps, a checkpoint (`state_dict`; real
+    processes take the shares still on the wire off it, as a new process could not receive
+    them), then 4 more steps: on processes by a new optimizer loaded from that checkpoint (a
+    resumed run), in the simulator by the same one (its wire holds the shares; its own cut is
+    `test_a_checkpoint_cut_conserves_mass_and_resumes_bit_for_bit`). (The state after finish(),
+    bytes by verb, whether every share of the checkpoint was taken off the wire.)"""
+    algorithm = SGP(overlap=True, peers=2)
+
+    def optimizer(sync: bool) -> distsgd.DistributedOptimizer:
+        model = make_model()
+        return distsgd.DistributedOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                            algorithm, comm=comm, seed=7, sync_init=sync)
+
+    before = comm.bytes_by_verb
+    opt = optimizer(True)
+    g = torch.Generator().manual_seed(comm.rank)  # each worker off the common start
+    opt.ctx.flat.set_(opt.ctx.flat.get() + 0.5 * torch.randn(opt.ctx.flat.numel, generator=g))
+    opt.algorithm_state.x, opt.algorithm_state.z = opt.ctx.flat.get(), opt.ctx.flat.get()
+    for step in range(8):
+        if step == 4:
+            saved = opt.state_dict()
+            taken = all(isinstance(e[2], torch.Tensor)
+                        for e in saved["algorithm"]["pending"]) and bool(
+                saved["algorithm"]["pending"])
+            if comm.now() is None:
+                opt = optimizer(False)
+                opt.load_state_dict(saved)
+        x, y = batch(comm.rank, step)
+        nn.functional.cross_entropy(opt.ctx.model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.algorithm.finish(opt.ctx, opt.algorithm_state)  # (opt.finish() would close the comm)
+    after = comm.bytes_by_verb
+    return opt.ctx.flat.get(), {k: v - before.get(k, 0) for k, v in after.items()}, taken
 
 
-@pytest.mark.processes
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("peers", [1, 2])
-def test_synch_freq_0_on_processes_equals_the_simulator_bit_for_bit(peers: int,
-                                                                   tmp_path: Path) -> None:
-    # synch_freq=0 waits for every share at a fixed step, so arrival times cannot matter: the
-    # same arithmetic in the same order, point to point only (no all-reduce): exact equality.
-    options = dict(PARITY, hyperparameters={"overlap": True, "peers": peers})
-    sim = distsgd.train(**options, backend="sim", out=str(tmp_path / "sim"))
-    real = distsgd.train(**options, backend="processes", out=str(tmp_path / "real"))
-    for s, r in zip(sim.workers, real.workers, strict=True):
-        assert torch.equal(r.state, s.state)
-        assert r.bytes_by_verb == s.bytes_by_verb
-
-
-@pytest.mark.processes
-@pytest.mark.timeout(240)
-def test_synch_freq_0_resumed_on_processes_equals_the_simulator(tmp_path: Path) -> None:
-    # At the cut, real processes take the shares still on the wire into the checkpoint (a new
-    # process could not receive them) and mix them in where they were due: nothing changes.
-    options = dict(PARITY, hyperparameters={"overlap": True})
-    sim = distsgd.train(**options, backend="sim", out=str(tmp_path / "sim"))
-    distsgd.train(**options, backend="processes", checkpoint_every=6, stop_after=6,
-                  out=str(tmp_path / "real"))
-    resumed = distsgd.resume(str(tmp_path / "real"))
-    for s, r in zip(sim.workers, resumed.workers, strict=True):
-        assert torch.equal(r.state, s.state)
-
-
-def _mass_on_processes(comm: Comm, steps: int,
-                       synch_freq: int) -> tuple[torch.Tensor, float, int, int]:
-    """In one process of a launch: OSGP without gradient steps, odd ranks 20 ms slower a step so
-    that shares arrive late and polls miss; (x, w, bytes sent) after finish(), and the oldest
-    share (in steps) seen still on the wire before a step."""
+def _mass(comm: Comm, steps: int = 10) -> tuple[torch.Tensor, float, int, int]:
+    """OSGP (synch_freq=2) without gradient steps, odd ranks 20 ms slower a step on processes
+    so that shares arrive late and `done()` says no; (x, w, bytes sent) after finish(), and the
+    oldest share (in steps) seen still on the wire before a step."""
     oldest = [0]
+    sent = comm.bytes_sent
 
     def before_step(opt: distsgd.DistributedOptimizer) -> None:
-        time.sleep(0.02 * (comm.rank % 2))
+        if comm.now() is None:
+            time.sleep(0.02 * (comm.rank % 2))
         oldest[0] = max([oldest[0], *(opt.ctx.step - s for s, _, _ in opt.algorithm_state.pending)])
 
-    opt = run(SGP(overlap=True, synch_freq=synch_freq), comm.world_size, steps, lr=0.0,
-              perturb=1.0, comm=comm, before_step=before_step)[0]
-    return opt.algorithm_state.x, opt.algorithm_state.w, comm.bytes_sent, oldest[0]
+    opt = run(SGP(overlap=True, synch_freq=2), comm.world_size, steps, lr=0.0, perturb=1.0,
+              comm=comm, before_step=before_step, finish=False)[0]
+    opt.algorithm.finish(opt.ctx, opt.algorithm_state)
+    return opt.algorithm_state.x, opt.algorithm_state.w, comm.bytes_sent - sent, oldest[0]
+
+
+def _both(comm: Comm) -> dict[str, Any]:
+    return {"cut": _cut(comm), "mass": _mass(comm)}
+
+
+@pytest.fixture(scope="module")
+def on_processes() -> list[dict[str, Any]]:
+    return launch.launch(_both, 4, timeout=200)
+
+
+@pytest.fixture(scope="module")
+def in_the_simulator() -> list[dict[str, Any]]:
+    return SimWorld(4).run(_both)
 
 
 @pytest.mark.processes
-@pytest.mark.timeout(240)
-def test_synch_freq_2_on_processes_conserves_mass_and_sends_what_the_simulator_sends() -> None:
+def test_synch_freq_0_cut_and_resumed_on_processes_equals_the_simulator_bit_for_bit(
+        on_processes: list[dict[str, Any]], in_the_simulator: list[dict[str, Any]]) -> None:
+    # synch_freq=0 waits for every share at a fixed step, so arrival times cannot matter: the
+    # same arithmetic in the same order, point to point only (no all-reduce): exact equality,
+    # bytes included, across a cut where processes took the shares off the wire.
+    for real, sim in zip(on_processes, in_the_simulator, strict=True):
+        (real_state, real_bytes, taken), (sim_state, sim_bytes, _) = real["cut"], sim["cut"]
+        assert taken
+        assert torch.equal(real_state, sim_state)
+        assert real_bytes == sim_bytes
+
+
+@pytest.mark.processes
+def test_synch_freq_2_on_processes_conserves_mass_and_sends_what_the_simulator_sends(
+        on_processes: list[dict[str, Any]], in_the_simulator: list[dict[str, Any]]) -> None:
     # With synch_freq > 0 what is mixed in when depends on arrival times, which differ between
     # real processes and the simulator (and between real runs): the models are not compared.
     # What cannot depend on timing is: every step sends its shares (the same bytes), and after
     # finish() every share has been mixed in once (Σx and Σw as at the start).
-    n, steps = 4, 10
+    n = len(on_processes)
     start = sum(o.algorithm_state.x
                 for o in run(SGP(overlap=True), n, steps=0, lr=0.0, perturb=1.0))
-    real = launch.launch(_mass_on_processes, n, args=(steps, 2), timeout=180)
-    sim = run(SGP(overlap=True, synch_freq=2), n, steps, lr=0.0, perturb=1.0)
+    real = [r["mass"] for r in on_processes]
     torch.testing.assert_close(sum(r[0] for r in real), start, atol=1e-5, rtol=0)
     assert sum(r[1] for r in real) == n  # dyadic shares: exact whatever the order
-    assert [r[2] for r in real] == [o.ctx.comm.bytes_sent for o in sim]
+    assert [r[2] for r in real] == [r["mass"][2] for r in in_the_simulator]
     # The even ranks run ahead of the slow odd ones: some share was not there when first
-    # polled (the overlap path ran), and none stayed past synch_freq + 1 steps.
+    # asked for (the overlap path ran), and none stayed past synch_freq + 1 steps.
     assert 1 < max(r[3] for r in real) <= 3

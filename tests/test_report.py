@@ -360,3 +360,61 @@ def test_clicking_a_heading_sorts_the_table(report: Report, tmp_path: Path) -> N
     descending = [float(v) for v in json.loads(body["data-descending"] or "")]
     assert len(ascending) == len(report.runs)
     assert ascending == sorted(ascending) and descending == ascending[::-1]
+
+
+# ------------------------------------------------------------------ unwritable report folders
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_an_unwritable_report_folder_is_one_line(
+    grid: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A report folder that cannot be made (read-only, as on a read-only disk): one line naming
+    it, exit 1, not an OSError traceback."""
+    import errno
+
+    def read_only(self: Path, *args: object, **kw: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    out = tmp_path / "report"
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert cli.main(["report", str(grid / "sgp"), "--out", str(out)]) == 1
+    assert _one_line_error(capsys) == (
+        f"distsgd: run failed: cannot write {out}: Read-only file system")
+
+
+def test_a_report_on_a_read_only_disk_is_one_line(
+    grid: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On a real read-only disk (a tmpfs remounted read-only; needs root): a run folder with no
+    report yet (its report/ cannot be made), and one whose report/ exists (its files cannot be
+    written)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        for name in ("fresh", "reported"):
+            shutil.copytree(grid / "sgp", disk / name)
+        assert cli.main(["report", str(disk / "reported")]) == 0
+        remount = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True,
+                                 text=True)
+        if remount.returncode != 0:
+            pytest.skip(f"cannot remount read-only: {remount.stderr.strip()}")
+        capsys.readouterr()
+        assert cli.main(["report", str(disk / "fresh")]) == 1
+        assert _one_line_error(capsys) == (
+            f"distsgd: run failed: cannot write {disk / 'fresh' / 'report'}: "
+            "Read-only file system")
+        assert cli.main(["report", str(disk / "reported")]) == 1
+        err = _one_line_error(capsys)
+        assert err.startswith(f"distsgd: run failed: cannot write {disk / 'reported' / 'report'}/")
+        assert err.endswith(": Read-only file system")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -1,5 +1,6 @@
-"""The point-to-point transport: concurrent senders, posted-ahead receives (`exchange`), a
-stalled sender that blocks nobody else, timeouts that name the rank that did not send.
+"""The point-to-point transport: concurrent senders, posted-ahead receives (`exchange`, and
+`exchange_start`'s handles), a stalled sender that blocks nobody else, timeouts that name the rank
+that did not send.
 
 Starting processes is the slow part, so one launch of 4 processes runs every healthy scenario
 (`healthy`) and the simulator runs the same, for the results to be compared; the two runs that
@@ -143,18 +144,119 @@ def layout_mismatch(comm: Comm) -> Any:
         return error, str(e)
 
 
+def started_rounds(comm: Comm) -> Any:
+    """exchange_start: three rounds to rank+1 and rank+2 started before any is waited for, a plain
+    exchange between them on the same channel, waited in reverse order: the k-th message from a
+    peer fills the k-th receive from it. Sends are copied at once; a handle waited once returns
+    the same at once; bytes count as send."""
+    before = comm.bytes_by_verb.get("send", 0)
+    me = comm.rank
+    peers, sources = [(me + k) % N for k in (1, 2)], [(me - k) % N for k in (1, 2)]
+    handles, outs = [], []
+    mid = [torch.empty(2) for _ in sources]
+    for r in range(3):
+        if r == 1:
+            comm.exchange([(torch.full((2,), 100.0 + me), p) for p in peers],
+                          list(zip(mid, sources, strict=True)))
+        into = [torch.empty(5, dtype=torch.float64) for _ in sources]
+        message = torch.full((5,), 10.0 * me + r, dtype=torch.float64)
+        handles.append(comm.exchange_start([(message, p) for p in peers],
+                                           list(zip(into, sources, strict=True))))
+        message.zero_()
+        outs.append(into)
+    assert all(h.unsent == frozenset() for h in handles)
+    assert [h.wait() for h in reversed(handles)] == [(frozenset(), frozenset())] * 3
+    assert handles[0].done() and handles[0].wait() == (frozenset(), frozenset())
+    return ([[o.tolist() for o in into] for into in outs], [m.tolist() for m in mid],
+            comm.bytes_by_verb.get("send", 0) - before)
+
+
+def started_done(comm: Comm) -> Any:
+    """done() never blocks: False while rank 1 holds its message back, True once it is in (the
+    simulator: once it has arrived by rank 0's clock)."""
+    comm.barrier()
+    if comm.rank == 1:
+        comm.barrier()
+        assert comm.exchange_start([(torch.full((3,), 7.0), 0)], []).unsent == frozenset()
+    elif comm.rank == 0:
+        box = torch.zeros(3)
+        handle = comm.exchange_start([], [(box, 1)])
+        early = handle.done()
+        comm.barrier()  # rank 1 sends after this
+        comm.barrier()
+        for _ in range(2000):  # up to 20 s (the simulator: 2 virtual seconds)
+            if handle.done():
+                break
+            if comm.now() is None:
+                time.sleep(0.01)
+            else:
+                comm.elapse(1e-3)
+        late = handle.done()
+        return early, late, handle.wait(timeout=1.0), box.tolist()
+    else:
+        comm.barrier()
+    comm.barrier()
+    return None
+
+
+def started_usage(comm: Comm) -> Any:
+    """Bad exchange_start arguments are ValueErrors before anything is sent or posted."""
+    errors = []
+    one = torch.zeros(1)
+    for sends, recvs in (([(one, comm.rank)], []), ([], [(one, None)]), ([(one, N)], []),
+                         ([(one, True)], [])):
+        try:
+            comm.exchange_start(sends, recvs)  # type: ignore[arg-type]
+            errors.append("none")
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
+def late_sender(comm: Comm) -> Any:
+    """Processes only, after `layout_mismatch` (rank 0 is out): rank 1 starts receives from
+    ranks 2 and 3; rank 3 sends at once, rank 2 three seconds later. Rank 3's is waited for at
+    once; rank 2's wait times out after 1 s naming rank 2 alone, and rank 1's communicator then
+    refuses work. Rank 2's message still lands in the posted receive, so every rank ends."""
+    if comm.rank == 1:
+        from_2, from_3 = torch.empty(BIG), torch.empty(10)
+        h2 = comm.exchange_start([], [(from_2, 2)])
+        h3 = comm.exchange_start([], [(from_3, 3)])
+        start = time.monotonic()
+        h3.wait(timeout=20.0)
+        took = time.monotonic() - start
+        try:
+            h2.wait(timeout=1.0)
+            message = "no timeout"
+        except CommTimeout as e:
+            message = str(e)
+        with pytest.raises(CommTimeout) as refused:
+            comm.exchange_start([], [])
+        return took, from_3.unique().tolist(), message, str(refused.value)
+    if comm.rank == 3:
+        comm.exchange_start([(torch.full((10,), 3.0), 1)], [])
+    if comm.rank == 2:
+        time.sleep(3.0)
+        comm.exchange_start([(torch.zeros(BIG), 1)], [])
+    return None
+
+
 def healthy(comm: Comm, processes: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     runs: dict[str, Callable[[], Any]] = {
         "exchange into one": lambda: into_one(comm, True),
         "mailbox into one": lambda: into_one(comm, False),
         "push-sum": lambda: push_sum_both_ways(comm),
+        "started rounds": lambda: started_rounds(comm),
+        "started done": lambda: started_done(comm),
+        "started usage": lambda: started_usage(comm),
         "stalled": lambda: stalled_sender(comm) if processes else None}
     for name, run in runs.items():
         comm.barrier()
         out[name] = run()
     comm.barrier()
-    out["layout"] = layout_mismatch(comm)  # last: it breaks rank 0's communicator
+    out["layout"] = layout_mismatch(comm)  # it breaks rank 0's communicator
+    out["late"] = late_sender(comm) if processes else None  # last: it breaks rank 1's
     return out
 
 
@@ -186,6 +288,47 @@ def test_concurrent_senders_into_one_receiver_agree_with_the_simulator(
 ) -> None:
     # Ranks 3, 2, 1 sent one after another while rank 0 received in the order 1, 2, 3.
     assert [r[name] for r in process_results] == [r[name] for r in sim_results]
+
+
+STARTED = ["started rounds", "started done", "started usage"]
+
+
+def test_exchange_start_in_the_simulator(sim_results: list[dict[str, Any]]) -> None:
+    for rank, r in enumerate(sim_results):
+        rounds, mid, sent = r["started rounds"]
+        assert rounds == [[[10.0 * ((rank - k) % N) + i] * 5 for k in (1, 2)] for i in range(3)]
+        assert mid == [[100.0 + (rank - k) % N] * 2 for k in (1, 2)]
+        assert sent == 3 * 2 * 40 + 2 * 8  # three rounds and the exchange, to two peers
+        assert len(r["started usage"]) == 4
+        assert all("is not another rank" in e for e in r["started usage"]), r["started usage"]
+    assert sim_results[0]["started done"] == (False, True, (frozenset(), frozenset()), [7.0] * 3)
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("name", STARTED)
+def test_exchange_start_on_processes_agrees_with_the_simulator(
+    name: str, process_results: list[dict[str, Any]], sim_results: list[dict[str, Any]],
+) -> None:
+    assert [r[name] for r in process_results] == [r[name] for r in sim_results]
+
+
+@pytest.mark.processes
+def test_a_late_started_sender_is_named_and_blocks_nobody_else(
+        process_results: list[dict[str, Any]]) -> None:
+    took, from_3, message, refused = process_results[1]["late"]
+    assert took < 15.0 and from_3 == [3.0]  # rank 3's message did not wait for rank 2's
+    assert "rank 1: exchange timed out after 1 s waiting for rank(s) [2]" in message, message
+    assert "exchange_start refused" in refused, refused
+
+
+def test_the_simulator_finds_a_silent_started_peer_deadlocked() -> None:
+    def body(comm: Comm) -> None:
+        if comm.rank == 0:
+            comm.exchange_start([], [(torch.empty(3), 1), (torch.empty(3), 2)]).wait()
+        elif comm.rank == 1:
+            comm.exchange_start([(torch.zeros(3), 0)], [])
+    with pytest.raises(DeadlockError, match="rank 0: blocked in recv from rank 2"):
+        SimWorld(3).run(body)
 
 
 @pytest.mark.processes

@@ -5,6 +5,7 @@ process group alone, the __main__ guard, and torchrun's defaults (issue 12)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -274,7 +275,9 @@ def test_finish_leaves_the_users_process_group(tmp_path: Path) -> None:
     script.write_text(USER_GROUP)
     done = torchrun(2, [str(script)])
     assert done.returncode == 0, done.stdout[-3000:]
-    assert sorted(line for line in done.stdout.splitlines() if "group alive" in line) == [
+    # Two ranks share one stdout pipe, so their lines can run together: match the records,
+    # not the lines.
+    assert sorted(re.findall(r"rank \d: group alive, sum \d+", done.stdout)) == [
         "rank 0: group alive, sum 2", "rank 1: group alive, sum 2"]
 
 
@@ -332,3 +335,97 @@ def run(cmd: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess
 
 def torchrun(processes: int, args: list[str]) -> subprocess.CompletedProcess[str]:
     return run([TORCHRUN, "--standalone", "--nproc-per-node", str(processes), *args])
+
+
+# ------------------------------------------------------------------- torchrun: folders, resume
+def test_train_under_torchrun_defaults_workers_to_the_world_less_the_servers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`distsgd.train(backend="torchrun")` takes --workers' torchrun default, as the CLI does:
+    ssp in a job of 3 processes has 2 workers (and 1 server); given workers stay as given."""
+    import distsgd.runtime
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    configs: list[distsgd.RunConfig] = []
+    monkeypatch.setattr(distsgd.runtime, "run", configs.append)  # the configs runs would get
+    distsgd.train(backend="torchrun", algorithm="ssp")
+    distsgd.train(backend="torchrun", algorithm="sgp")
+    distsgd.train(backend="torchrun", algorithm="ssp", workers=5)
+    distsgd.train(backend="sim", algorithm="ssp")
+    assert [cfg.workers for cfg in configs] == [2, 3, 5, 4]
+
+
+@pytest.mark.processes
+def test_torchrun_on_a_refused_folder_every_rank_stops_at_once(tmp_path: Path) -> None:
+    """An --out holding a run is refused on the rank that takes the folder; the other rank hears
+    it and stops with a line of its own, rather than wait in the rendezvous until torchrun kills
+    it (its agent gives a rank 30 s after SIGTERM, then SIGKILLs it)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    done = torchrun(2, ["-m", "distsgd", "train", "-a", "allreduce", "--steps", "2",
+                        "--timeout", "600", "--out", str(out)])
+    assert done.returncode != 0
+    refused = f"distsgd: error: out {str(out)!r} already holds a run (its config.json)"
+    assert done.stdout.count(refused) == 1, done.stdout[-3000:]
+    assert done.stdout.count("distsgd: error: not started: rank 0 could not take the run "
+                             "folder (its own line says why)") == 1, done.stdout[-3000:]
+    assert "forcefully" not in done.stdout and "SIGKILL" not in done.stdout
+    assert f'File "{ROOT / "distsgd"}' not in done.stdout  # no rank's traceback (torchrun's own
+    # report of the failed ranks follows)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+@pytest.mark.processes
+def test_torchrun_stop_after_prints_a_resume_command_that_works(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--stop-after under torchrun: the command printed continues the run (run here, as
+    printed), which ends as a whole run does; outside torchrun, --resume names that command."""
+    import shlex
+
+    from distsgd import cli
+
+    out = tmp_path / "run"
+    stopped = torchrun(2, ["-m", "distsgd", "train", "-a", "allreduce", "--steps", "8",
+                           "--eval-every", "2", "--checkpoint-every", "4", "--stop-after", "4",
+                           "--no-progress", "--out", str(out)])
+    assert stopped.returncode == 0, stopped.stdout[-3000:]
+    lines = [line for line in stopped.stdout.splitlines() if "continue with: " in line]
+    assert len(lines) == 1, stopped.stdout[-3000:]  # the first worker's; the other prints none
+    hint = lines[0].split("continue with: ")[1]
+    assert hint == (f"torchrun --standalone --nproc-per-node 2 -m distsgd train --resume "
+                    f"{shlex.quote(str(out))}")
+    assert cli.main(["train", "--resume", str(out)]) == 2  # not under torchrun: refused
+    assert capsys.readouterr().err.strip().endswith(f"resume it with {hint}")
+    resumed = run([TORCHRUN, *shlex.split(hint)[1:]])
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert resumed.stdout.count("distsgd allreduce") == 1, resumed.stdout[-3000:]
+    assert [line["step"] for line in distsgd.metrics.read_metrics(out)] == [0, 2, 4, 6, 8]
+    assert distsgd.metrics.read_summary(out)["steps"] == 8
+
+
+def test_a_torchrun_run_resumed_by_a_job_of_another_size_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job's size is the run's: another is refused before joining, naming the command
+    that fits; a job over several machines is told to use its own torchrun options."""
+    from distsgd import torchrun_job
+
+    for name, value in {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3",
+                        "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    cfg = distsgd.RunConfig(algorithm="sgp", workers=2, backend="torchrun", out="runs/a b")
+    with pytest.raises(distsgd.UsageError) as refused:
+        torchrun_job.check_world(cfg, resuming=True)
+    assert str(refused.value) == (
+        "torchrun started 3 processes but --workers 2 with sgp needs 2; valid: the run's 2 "
+        "processes (torchrun --standalone --nproc-per-node 2 -m distsgd train --resume "
+        "'runs/a b')")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert torchrun_job.resume_command("runs/a", cfg) == (
+        "on every machine, torchrun with the job's options and -m distsgd train --resume runs/a")
+    assert torchrun_job.resume_command("runs/a", distsgd.RunConfig()) == (
+        "distsgd train --resume runs/a")

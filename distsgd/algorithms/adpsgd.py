@@ -43,7 +43,10 @@ class ADPSGD(Algorithm):
     a passive keeps answering until every active has said goodbye (or died).
 
     With ``--on-failure continue``, as gosgd: a request or reply to a dead peer is not sent and
-    nothing moves (the pair's sum stays whole); a passive stops waiting for a dead active.
+    nothing moves (the pair's sum stays whole); a passive stops waiting for a dead active. An
+    active whose passive died with its request learns it from ``poll`` (`PeerDied`, as recv
+    raises it) and asks another passive at its next step, rather than waiting for a reply that
+    will never come (its own model is whole: a reply is only ever added).
     """
 
     name = "adpsgd"
@@ -73,7 +76,7 @@ class ADPSGD(Algorithm):
                 if ctx.comm.poll(state.inbox, src=ctx.worker_ranks[state.waiting]) is None:
                     return  # the reply is on its way: train on, exchange again once it is in
                 self._apply_reply(ctx, state)
-            except PeerDied:  # (a communicator whose poll reports a dead sender)
+            except PeerDied:  # the passive died before replying: ask another one at once
                 state.dead.add(state.waiting)
                 state.waiting = -1
         passives = [i for i in range(1, ctx.workers, 2) if i not in state.dead]
@@ -137,6 +140,7 @@ class ADPSGD(Algorithm):
                 ctx.comm.recv(state.inbox, src=ctx.worker_ranks[state.waiting])
                 self._apply_reply(ctx, state)
             except PeerDied:
+                state.dead.add(state.waiting)
                 state.waiting = -1
         goodbye = torch.zeros(ctx.flat.numel + 1, dtype=ctx.flat.dtype, device=ctx.flat.device)
         goodbye[-1] = DONE

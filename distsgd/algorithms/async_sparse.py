@@ -40,10 +40,10 @@ class AsyncSparse(ParameterServerAlgorithm[Velocity]):
     """Worker k: pull x̃ (version T_k); g = ∇f(x̃); acc ← acc + g; push the top-k of acc; acc ← γ ×
     (acc − sent). Server: τ = T − T_k; s ← decay(τ) s; V ← μV − ηs; x̃ ← x̃ + V; T ← T + 1.
 
-    The paper fixes none of these details (ALGORITHMS.md, OPEN): top-k by magnitude with k a ratio
-    (1.0 = dense), γ the decay of the unsent residual, the staleness decay λ^τ or 1/(1 + τ), and
-    momentum μ at the server. Float buffers (BatchNorm statistics) are not gradients: their change
-    since the pull is pushed densely and added, divided by N.
+    The paper fixes none of these details (an open point of the design): top-k by magnitude with k
+    a ratio (1.0 = dense), γ the decay of the unsent residual, the staleness decay λ^τ or
+    1/(1 + τ), and momentum μ at the server. Float buffers (BatchNorm statistics) are not
+    gradients: their change since the pull is pushed densely and added, divided by N.
     """
 
     name = "async-sparse"

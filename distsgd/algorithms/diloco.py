@@ -38,8 +38,12 @@ class DiLoCo(Algorithm):
     to fragment b mod P, the paper's strided pattern); fragment p is synchronised when
     (t + ⌊pH/P⌋) mod H = 0 (t the steps done), so the P synchronisations are spread evenly over
     the period. The result of a synchronisation at t is merged at t + τ, the worker having trained
-    on meanwhile: x_p ← α θ_p + (1 − α) x_p. Here α weighs the synchronised fragment (α = 1: plain
-    DiLoCo); a merge factor written on the local copy is 1 − α. `precision` sends the outer
+    on meanwhile: x_p ← α x_p + (1 − α) θ_p. α weighs the local copy, the convention of Streaming
+    DiLoCo (Douillard et al. 2025, arXiv 2501.18512: the merge mixes the local fragment, weight α,
+    with the global one) and of torchft's implementation, ``DiLoCo(fragment_update_alpha=α)``,
+    which lerps the outer-updated global toward the saved local copy by α (default 0). So α = 0
+    takes the synchronised fragment (plain DiLoCo, our default too) and α = 1 would keep the local
+    one, never synchronising. `precision` sends the outer
     gradient Δ_i = θ − x_i in bfloat16 or float16 (accumulated in float32 afterwards); float32
     averages x_i itself, the same Δ in exact arithmetic. Comm has no non-blocking collective, so
     τ delays the merge, not the all-reduce's time.
@@ -59,8 +63,8 @@ class DiLoCo(Algorithm):
     fragments: int = hyperparameter(1, "P: parts of the model synchronised in turn", low=1)
     tau: int = hyperparameter(0, "τ: inner steps between a synchronisation and its merge", low=0)
     alpha: float = hyperparameter(
-        1.0, "α: weight of the synchronised fragment in the merge (1: replace)", low=0.0,
-        high=1.0)
+        0.0, "α: weight of the local copy in the merge (0: take the synchronised one)",
+        low=0.0, high=1.0)
     precision: str = hyperparameter("float32", "dtype the outer gradient is sent in",
                                     choices=tuple(PRECISIONS))
 
@@ -109,9 +113,9 @@ class DiLoCo(Algorithm):
             x = ctx.flat.get()
             for _, p, theta_p in due:
                 idx = state.fragments[p]
-                # α = 1 replaces exactly (α·θ + 0·x would too, but not for an infinite x).
-                x[idx] = theta_p if self.alpha == 1 else (
-                    self.alpha * theta_p + (1 - self.alpha) * x[idx])
+                # α = 0 replaces exactly (0·x + θ would too, but not for an infinite x).
+                x[idx] = theta_p if self.alpha == 0 else (
+                    self.alpha * x[idx] + (1 - self.alpha) * theta_p)
             ctx.flat.set_(x)
             state.pending = [m for m in state.pending if m[0] != done]
 

@@ -10,7 +10,8 @@ import torch
 from distsgd import mixing, topology
 from distsgd.algorithms.base import Algorithm, WorkerContext, hyperparameter
 from distsgd.algorithms.registry import register
-from distsgd.errors import PeerDied, UsageError
+from distsgd.comm.base import Exchange
+from distsgd.errors import UsageError
 
 
 @dataclass
@@ -29,6 +30,11 @@ class OverlapState(PushSumState):
 
     pending: list[list[Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # The receive under way of each share on the wire, by (step, in-peer), and its buffer:
+        # transport objects, not state (a resumed run posts them again, in `pending`'s order).
+        self.posted: dict[tuple[int, int], tuple[Exchange, torch.Tensor]] = {}
+
 
 @register
 @dataclass(frozen=True)
@@ -40,13 +46,13 @@ class SGP(Algorithm):
     On this regular graph w stays 1, but it is carried exactly so that other graphs stay unbiased.
 
     With ``overlap`` (OSGP, the reference code's ``overlap=True``), the shares sent after step t
-    are not waited for: the worker trains on, from the part it kept, and adds a share when it has
-    arrived, polling after each step; a share sent after step t is waited for after step
-    t + 1 + ``synch_freq`` at the latest (``synch_freq=0``: one step of compute hides each
-    exchange, and the result no longer depends on when messages arrive). The reference waits the
-    same way, but starts no new exchange while one is outstanding; here every step sends, so the
-    bytes of a run never depend on timing. `finish` waits for and adds every share still on the
-    wire, so no mass is lost at the end.
+    are not waited for: their receives are posted ahead (`Comm.exchange_start`), the worker
+    trains on from the part it kept, and adds a share once it has arrived, asking after each step;
+    a share sent after step t is waited for after step t + 1 + ``synch_freq`` at the latest
+    (``synch_freq=0``: one step of compute hides each exchange, and the result no longer depends
+    on when messages arrive). The reference waits the same way, but starts no new exchange while
+    one is outstanding; here every step sends, so the bytes of a run never depend on timing.
+    `finish` waits for and adds every share still on the wire, so no mass is lost at the end.
 
     With ``--on-failure continue``, a worker keeps the share it would have sent to a dead out-peer
     and stops waiting for a dead in-peer. So no mass flows into the dead worker after its death
@@ -90,9 +96,10 @@ class SGP(Algorithm):
         n, me = ctx.workers, ctx.index
         if n > 1 and isinstance(state, OverlapState):
             self._take(ctx, state)  # earlier steps' shares, as the reference's query comes first
+            for peer in topology.exponential_in_peers(me, ctx.step, n, self.peers):
+                state.pending.append([ctx.step, peer, None])
+                self._post(ctx, state, ctx.step, peer)  # posted before this step's sends
             self._push(ctx, state, n, me)
-            in_peers = topology.exponential_in_peers(me, ctx.step, n, self.peers)
-            state.pending.extend([ctx.step, peer, None] for peer in in_peers)
         elif n > 1:
             self._mix(ctx, state, n, me)
         state.z = mixing.debias(state.x, state.w)
@@ -110,27 +117,24 @@ class SGP(Algorithm):
         if isinstance(state, OverlapState) and ctx.comm.now() is None:
             taken = []
             for step, peer, payload in state.pending:
-                try:
-                    taken.append([step, peer, payload if payload is not None
-                                  else self._receive(ctx, peer, state.x, wait=True)])
-                except PeerDied:  # its mass is gone, as when it is due
-                    continue
+                if payload is None:
+                    payload = self._receive(ctx, state, step, peer)
+                    if payload is None:  # a dead in-peer's: its mass is gone, as when it is due
+                        continue
+                taken.append([step, peer, payload])
             state.pending = taken
         return super().state_dict(ctx, state)
 
-    def _push(self, ctx: WorkerContext, state: PushSumState, n: int, me: int) -> torch.Tensor:
-        """Send this step's shares and keep one (those of dead out-peers too); the message."""
+    def _push(self, ctx: WorkerContext, state: PushSumState, n: int, me: int) -> None:
+        """Send this step's shares without waiting, and keep one (those of dead out-peers too:
+        ``--on-failure continue`` sends no mass into a dead worker)."""
         out_peers = topology.exponential_out_peers(me, ctx.step, n, self.peers)
         share, w_share = mixing.push_sum_share(state.x, state.w, len(out_peers) + 1)
         message = torch.cat([share, mixing.pack_weight(w_share, share.dtype, share.device)])
-        kept = 1  # shares this worker keeps: its own, and those of dead out-peers
-        for peer in out_peers:
-            try:
-                ctx.comm.send(message, ctx.worker_ranks[peer])
-            except PeerDied:  # --on-failure continue: no mass is sent into a dead worker
-                kept += 1
+        unsent = ctx.comm.exchange_start(
+            [(message, ctx.worker_ranks[peer]) for peer in out_peers], []).unsent
+        kept = 1 + sum(ctx.worker_ranks[peer] in unsent for peer in out_peers)
         state.x, state.w = share.mul_(kept), w_share * kept
-        return message
 
     def _mix(self, ctx: WorkerContext, state: PushSumState, n: int, me: int) -> None:
         """`_push` and the receives at once: the peers and sizes follow from the shared seed, so
@@ -165,26 +169,40 @@ class SGP(Algorithm):
                 if peer in behind:
                     left.append(entry)
                     continue
-                try:
-                    payload = self._receive(ctx, peer, state.x,
-                                            wait=wait or ctx.step - step > self.synch_freq)
-                except PeerDied:  # a dead in-peer sends nothing more; its mass is gone
-                    continue
-                if payload is None:
+                due = wait or ctx.step - step > self.synch_freq
+                if not due and not self._arrived(ctx, state, step, peer):
                     behind.add(peer)
                     left.append(entry)
+                    continue
+                payload = self._receive(ctx, state, step, peer)
+                if payload is None:  # a dead in-peer sends nothing more; its mass is gone
                     continue
             state.x.add_(payload[:-slots].to(state.x.device))
             state.w += mixing.unpack_weight(payload[-slots:].cpu())
         state.pending = left
 
-    def _receive(self, ctx: WorkerContext, peer: int, x: torch.Tensor,
-                 wait: bool) -> torch.Tensor | None:
-        """In-peer `peer`'s next share: waited for, or only if it has arrived (None if not).
-        Raises `PeerDied` for a dead peer (``--on-failure continue``)."""
+    def _post(self, ctx: WorkerContext, state: OverlapState, step: int, peer: int) -> None:
+        """Post the receive of in-peer `peer`'s share of step `step` (its size: x's and w's)."""
+        x = state.x
         inbox = torch.empty(x.numel() + mixing.weight_slots(x.dtype), dtype=x.dtype,
                             device=x.device)
-        if wait:
-            ctx.comm.recv(inbox, src=ctx.worker_ranks[peer])
-            return inbox
-        return inbox if ctx.comm.poll(inbox, src=ctx.worker_ranks[peer]) is not None else None
+        handle = ctx.comm.exchange_start([], [(inbox, ctx.worker_ranks[peer])])
+        state.posted[(step, peer)] = handle, inbox
+
+    def _arrived(self, ctx: WorkerContext, state: OverlapState, step: int, peer: int) -> bool:
+        """Whether in-peer `peer`'s share of step `step` is in (its receive is posted now, in
+        `pending`'s order, if a resumed run has not posted it yet)."""
+        if (step, peer) not in state.posted:
+            for s, p, payload in state.pending:
+                if payload is None and (s, p) not in state.posted:
+                    self._post(ctx, state, s, p)
+        return state.posted[(step, peer)][0].done()
+
+    def _receive(self, ctx: WorkerContext, state: OverlapState, step: int,
+                 peer: int) -> torch.Tensor | None:
+        """In-peer `peer`'s share of step `step`, waited for; None if the peer died
+        (``--on-failure continue``)."""
+        self._arrived(ctx, state, step, peer)  # posted
+        handle, inbox = state.posted.pop((step, peer))
+        _, unfilled = handle.wait()
+        return None if unfilled else inbox

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 WORKER_KEYS = ("model", "optimizer", "step", "algorithm", "jitter", "torch_rng", "loss_sum",
                "loss_count", "bytes_by_verb")
 EVALUATOR_KEYS = ("loss_sum", "loss_count", "real_time_s")
+# Optional: checkpoints written before start-up was measured lack them, and still resume.
+EVALUATOR_OPTIONAL_KEYS = ("startup_s",)
 
 
 def check_shape(saved: dict[str, Any], path: Path) -> None:
@@ -59,7 +61,7 @@ def check_shape(saved: dict[str, Any], path: Path) -> None:
         raise bad("evaluator", evaluator, f"a dict with {', '.join(EVALUATOR_KEYS)}")
     if not _count(evaluator["loss_count"]):
         raise bad("evaluator loss_count", evaluator["loss_count"], "a whole number >= 0")
-    for key in ("loss_sum", "real_time_s"):
+    for key in ("loss_sum", "real_time_s", *(k for k in EVALUATOR_OPTIONAL_KEYS if k in evaluator)):
         if not _finite(evaluator[key]) or evaluator[key] < 0:
             raise bad(f"evaluator {key}", evaluator[key], "a finite number >= 0")
 

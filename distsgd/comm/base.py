@@ -21,6 +21,15 @@ Semantics both backends honour (tests/test_comm_conformance.py checks them on bo
   continue`` to which nothing was sent, and those whose ``out`` was left as it was; both empty
   elsewhere. The simulator runs it as the sends, then the receives, in order: exactly the cost
   and result of ``send`` and ``recv``.
+- ``exchange_start(sends, recvs)``: ``exchange`` that does not wait (OSGP: step t's shares are
+  mixed in up to ``synch_freq`` steps later). It sends and posts at once and returns an
+  `Exchange`: ``unsent`` at once, ``done()`` (never blocks: whether ``wait`` would return at once),
+  ``wait(timeout=None)`` → ``(unsent, unfilled)`` as ``exchange`` returns, with every ``out``
+  filled; read an ``out`` only after ``wait``. Same channel, numbering and byte counts as
+  ``exchange``: the k-th message a rank sends a peer by either verb fills that peer's k-th receive
+  from it by either, whatever order the handles are waited in. The simulator sends at once and
+  receives at ``wait`` (a ``recv``) or at ``done`` once the message has arrived by the worker's
+  clock (a ``poll``), in the order the receives were posted per sender.
 - ``poll(out, src=None)`` is ``recv`` that never blocks: it takes a message that has already
   arrived, or returns ``None`` (gossip merges its inbox this way; the sender never waits).
 - ``expose(key, fn)`` / ``observe(rank, key)`` let measurement code read another rank's state for
@@ -49,6 +58,7 @@ What measurement and the runtime need of a run, through the same seam (never a b
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
@@ -57,7 +67,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from distsgd.errors import UsageError
+from distsgd.errors import PeerDied, UsageError
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,25 @@ class Group:
     @property
     def size(self) -> int:
         return len(self.ranks)
+
+
+class Exchange(Protocol):
+    """An exchange under way (`Comm.exchange_start`)."""
+
+    @property
+    def unsent(self) -> frozenset[int]:
+        """The destinations found dead (``--on-failure continue``) to which nothing was sent."""
+        ...
+
+    def done(self) -> bool:
+        """Whether `wait` would return at once (every receive completed or failed); never
+        blocks."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> tuple[frozenset[int], frozenset[int]]:
+        """Wait up to `timeout` seconds (None: the communicator's default) for every receive;
+        ``(unsent, unfilled)`` as `Comm.exchange` returns. Once returned, it returns at once."""
+        ...
 
 
 @runtime_checkable
@@ -95,6 +124,10 @@ class Comm(Protocol):
         self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]],
         timeout: float | None = None,
     ) -> tuple[frozenset[int], frozenset[int]]: ...
+
+    def exchange_start(
+        self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]],
+    ) -> Exchange: ...
 
     def poll(self, out: torch.Tensor, src: int | None = None) -> int | None: ...
 
@@ -221,16 +254,75 @@ def check_exchange(sends: Sequence[tuple[torch.Tensor, int]],
                                  f"{world_size}")
 
 
-def exchange_in_order(comm: Comm, sends: Sequence[tuple[torch.Tensor, int]],
-                      recvs: Sequence[tuple[torch.Tensor, int]],
-                      ) -> tuple[frozenset[int], frozenset[int]]:
-    """`exchange` as ``send`` each, then ``recv`` each, in order (the simulator's model)."""
-    check_exchange(sends, recvs, comm.rank, comm.world_size)
-    for tensor, dst in sends:
-        comm.send(tensor, dst)
-    for out, src in recvs:
-        comm.recv(out, src)
-    return frozenset(), frozenset()
+@dataclass
+class _Slot:
+    """One receive of an `InOrder` exchange."""
+
+    out: torch.Tensor
+    filled: bool = False
+    dead: bool = False  # its sender died (``--on-failure continue``): ``out`` is left as it was
+
+
+class InOrder:
+    """`exchange_start` where receives are not posted ahead (the simulator, a world of one): the
+    sends go out at once; each receive is a ``recv`` at `wait`, or a ``poll`` at ``done``, taken
+    in the order the receives were posted per sender (per-pair FIFO, as posted receives match).
+    One per communicator."""
+
+    def __init__(self, comm: Comm) -> None:
+        self._comm = comm
+        self._queues: dict[int, collections.deque[_Slot]] = {}
+
+    def start(self, sends: Sequence[tuple[torch.Tensor, int]],
+              recvs: Sequence[tuple[torch.Tensor, int]]) -> InOrderExchange:
+        check_exchange(sends, recvs, self._comm.rank, self._comm.world_size)
+        unsent = set()
+        for tensor, dst in sends:
+            try:
+                self._comm.send(tensor, dst)
+            except PeerDied:
+                unsent.add(dst)
+        slots = [(src, _Slot(out)) for out, src in recvs]
+        for src, slot in slots:
+            self._queues.setdefault(src, collections.deque()).append(slot)
+        return InOrderExchange(self, frozenset(unsent), slots)
+
+    def fill(self, src: int, slot: _Slot, block: bool) -> bool:
+        """Take `src`'s messages into its posted slots up to `slot`; False if one has not arrived
+        (never, if `block`)."""
+        queue = self._queues[src]
+        while not slot.filled:
+            head = queue[0]
+            try:
+                if block:
+                    self._comm.recv(head.out, src)
+                elif self._comm.poll(head.out, src) is None:
+                    return False
+            except PeerDied:
+                head.dead = True
+            head.filled = True
+            queue.popleft()
+        return True
+
+
+class InOrderExchange:
+    """`InOrder`'s `Exchange`."""
+
+    def __init__(self, owner: InOrder, unsent: frozenset[int],
+                 slots: list[tuple[int, _Slot]]) -> None:
+        self._owner, self._unsent, self._slots = owner, unsent, slots
+
+    @property
+    def unsent(self) -> frozenset[int]:
+        return self._unsent
+
+    def done(self) -> bool:
+        return all(self._owner.fill(src, slot, block=False) for src, slot in self._slots)
+
+    def wait(self, timeout: float | None = None) -> tuple[frozenset[int], frozenset[int]]:
+        for src, slot in self._slots:
+            self._owner.fill(src, slot, block=True)
+        return self._unsent, frozenset(src for src, slot in self._slots if slot.dead)
 
 
 def nbytes(tensor: torch.Tensor) -> int:

@@ -1,8 +1,9 @@
-"""The communicator this process's environment describes, for code handed none.
+"""torchrun's environment, read for code outside `comm/torch`: the communicator it describes.
 
-A process that torchrun started (its variables are set) gets a `TorchComm` joined to the job;
-any other gets None. The drop-in `DistributedOptimizer` asks here, so it never names a backend,
-and the torch backend's modules load only when the environment asks for them.
+A process that torchrun started (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), or one whose
+user initialised torch.distributed's default group, gets a `TorchComm` joined to that job; any
+other gets None. The drop-in `DistributedOptimizer` asks here, so it never names a backend, and
+the torch backend's modules load only when the environment asks for them.
 """
 
 from __future__ import annotations

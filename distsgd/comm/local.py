@@ -7,7 +7,14 @@ from typing import Any
 
 import torch
 
-from distsgd.comm.base import ByteCounter, Counted, Group, InProcess, exchange_in_order
+from distsgd.comm.base import (
+    ByteCounter,
+    Counted,
+    Group,
+    InOrder,
+    InOrderExchange,
+    InProcess,
+)
 
 
 class LocalComm(Counted, InProcess):
@@ -16,6 +23,7 @@ class LocalComm(Counted, InProcess):
     def __init__(self) -> None:
         self._counter = ByteCounter()
         self._exposed: dict[str, Callable[[], Any]] = {}
+        self._in_order = InOrder(self)
 
     rank = 0
     world_size = 1
@@ -29,7 +37,11 @@ class LocalComm(Counted, InProcess):
     def exchange(self, sends: Sequence[tuple[torch.Tensor, int]],
                  recvs: Sequence[tuple[torch.Tensor, int]],
                  timeout: float | None = None) -> tuple[frozenset[int], frozenset[int]]:
-        return exchange_in_order(self, sends, recvs)  # only an empty exchange has no peer
+        return self._in_order.start(sends, recvs).wait()  # only an empty one has no peer
+
+    def exchange_start(self, sends: Sequence[tuple[torch.Tensor, int]],
+                       recvs: Sequence[tuple[torch.Tensor, int]]) -> InOrderExchange:
+        return self._in_order.start(sends, recvs)  # only an empty exchange has no peer
 
     def poll(self, out: torch.Tensor, src: int | None = None) -> int | None:
         return None

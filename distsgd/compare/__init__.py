@@ -67,8 +67,9 @@ name (interrupted, failed, or made with other options) is deleted and the cell r
 
 The package, one concept a module: `grid` (the spec and its cells), `values` (typing a value as
 the field it sets), `document` (the TOML file and the flags over it), `cell` (one cell and its
-result), `execute` (the process pool, resuming, the grid.json ledger), `display` (the live lines
-and the final table).
+result), `execute` (running the cells: resuming, the grid.json ledger), `pool` (the worker
+processes that run them and never outlive the compare), `display` (the live lines and the final
+table).
 """
 
 from distsgd.compare.cell import Cell, CellResult, cell_name

@@ -8,20 +8,26 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from distsgd.comm.base import Counted, Group, InProcess, exchange_in_order
+from distsgd.comm.base import Counted, Group, InOrder, InOrderExchange, InProcess
 
 if TYPE_CHECKING:  # the world makes its comms: no import at run time, no cycle
     from distsgd.comm.sim.world import SimWorld
 
 
 class SimComm(Counted, InProcess):
-    """One simulated worker's `Comm`; blocking verbs never block in real time."""
+    """One simulated worker's `Comm`; blocking verbs never block in real time.
+
+    No simulated rank dies (`deaths` is empty), so no verb here raises `PeerDied`; where a rank
+    has died (`TorchComm` under ``--on-failure continue``), a send to it and a recv or a poll
+    from it raise it, which is what algorithms written for both backends handle.
+    """
 
     def __init__(self, world: SimWorld, rank: int) -> None:
         self._world = world
         self._rank = rank
         self._everyone = Group(tuple(range(world.world_size)))
         self._counter = world._workers[rank].counter
+        self._in_order = InOrder(self)  # exchange_start's receives, per sender in order
 
     @property
     def rank(self) -> int:
@@ -52,7 +58,13 @@ class SimComm(Counted, InProcess):
     def exchange(self, sends: Sequence[tuple[torch.Tensor, int]],
                  recvs: Sequence[tuple[torch.Tensor, int]],
                  timeout: float | None = None) -> tuple[frozenset[int], frozenset[int]]:
-        return exchange_in_order(self, sends, recvs)
+        # in line behind exchange_start's receives: per pair, the k-th message fills the k-th
+        return self._in_order.start(sends, recvs).wait()
+
+    def exchange_start(self, sends: Sequence[tuple[torch.Tensor, int]],
+                       recvs: Sequence[tuple[torch.Tensor, int]]) -> InOrderExchange:
+        """Sends now; each receive at `wait` (a recv) or at `done` once it has arrived."""
+        return self._in_order.start(sends, recvs)
 
     def poll(self, out: torch.Tensor, src: int | None = None) -> int | None:
         if src is not None:

@@ -19,9 +19,11 @@ Failures: a collective that times out leaves gloo's own operation running, so af
 fails the operations that were under way with it (`PeerLost`), but gloo's any-source receive does
 not notice: a recv waiting on a dead peer ends with its timeout, or earlier when the launcher (or
 torchrun) ends the run. In a run that carries on after a death (``--on-failure continue``), the
-launcher tells each survivor (`mark_dead`); from then on a send to the dead rank, a recv from it
-and the next any-source recv raise `PeerDied`, so the algorithm can route around it, and `close`
-no longer waits for its goodbye. Gloo refuses an isend to a closed connection at once; in that
+launcher tells each survivor (`mark_dead`); from then on a send to the dead rank, a recv or a
+poll from it (once what it sent before dying has been taken) and the next any-source recv raise
+`PeerDied`, so the algorithm can route around it, and `close` no longer waits for its goodbye. An
+any-source poll never raises: it takes what has come, and the next any-source recv announces the
+death. Gloo refuses an isend to a closed connection at once; in that
 mode such a refusal, or a lost send, also marks the peer dead.
 
 Supervision: a process the local launcher started has a `Supervisor` (its view of the launcher's
@@ -59,7 +61,7 @@ from distsgd.comm.base import (
 )
 from distsgd.comm.torch import wire
 from distsgd.comm.torch.collectives import GLOO_BACKENDS, Collectives, cpu_copy
-from distsgd.comm.torch.exchange import Receiver
+from distsgd.comm.torch.exchange import Receiver, start
 from distsgd.comm.torch.mailbox import DEATH_GRACE, Mailbox, Outbox, PeerLost, first_line
 from distsgd.errors import (
     CommTimeout,
@@ -208,12 +210,18 @@ class TorchComm(Counted, Collectives):
         unfilled = {src for _, src in recvs if src in dead} | outcome.dead
         return frozenset(unsent), frozenset(unfilled)
 
+    exchange_start = start  # `exchange` that returns at once (`comm.torch.exchange.start`)
+
     def poll(self, out: torch.Tensor, src: int | None = None) -> int | None:
         self._check_usable("poll")
         if src is not None:
             self._check_peer(src, "src")
         message = self._mailbox.take(wire.DATA, src, None)
-        return None if message is None else self._deliver(message, out)
+        if message is None:
+            if src is not None:  # nothing more can come from a dead sender: say so, as recv does
+                self._raise_if_dead(src, "poll")
+            return None
+        return self._deliver(message, out)
 
     def send_report(self, tensor: torch.Tensor, dst: int) -> None:
         """Send on the reports channel (uncounted): evaluation reports never mix with the

@@ -18,22 +18,37 @@ timeout: every receive was posted at once, so waiting in order costs nothing. A 
 times out closes every connection of the process (measured on torch 2.13), so after a timeout
 the others are only asked whether they completed, the ranks whose messages did not are named,
 and the communicator refuses further work.
+
+`exchange_start` (`start`, `Started`) posts the same way but returns at once: OSGP mixes step
+t's shares in up to ``synch_freq`` steps later, and asks in between whether they are in. A gloo
+receive learns that it completed only inside ``wait`` (``is_completed()`` stays False), and a
+``wait`` that times out closes connections, so one thread per sender waits for that sender's
+started receives, in the order they were posted, and records each outcome; ``done`` reads the
+records, and ``Started.wait`` waits on them with its own timeout, leaving gloo's connections
+intact (the communicator still refuses work after a timeout: a receive is still posted). The
+headers are checked, and the payloads copied out, on the caller's thread, as above.
 """
 
 from __future__ import annotations
 
+import collections
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from distsgd.comm.base import check_exchange, nbytes
 from distsgd.comm.torch import wire
-from distsgd.comm.torch.mailbox import PeerLost, first_line, started
-from distsgd.errors import CommTimeout, ProtocolError
+from distsgd.comm.torch.mailbox import FOREVER, PeerLost, first_line, started
+from distsgd.errors import CommTimeout, PeerDied, ProtocolError, check_range
+
+if TYPE_CHECKING:  # the communicator calls `start`: no import at run time, no cycle
+    from distsgd.comm.torch.comm import TorchComm
 
 # What a wait is given once another has timed out: enough to report a completed receive.
 _ASK = timedelta(milliseconds=1)
@@ -48,6 +63,8 @@ class _Posted:
     buffer: torch.Tensor
     number: int  # the sequence number its header must carry
     work: Any
+    finished: bool = False  # (started receives) its sender's thread has waited for it
+    error: str | None = None  # ... and gloo failed it with this
 
 
 @dataclass
@@ -86,6 +103,9 @@ class Receiver:
         self._excused = excused
         # receive buffers by size, reused: a step's messages are the size of the last step's
         self._spare: dict[int, list[torch.Tensor]] = {}
+        # started receives (`watch`) not yet waited for, per sender, each with its thread
+        self._watched: dict[int, collections.deque[_Posted]] = {}
+        self._cond = threading.Condition()
 
     def post(self, out: torch.Tensor, src: int) -> _Posted:
         """Post the receive of `src`'s next exchange message for `out`; gloo's RuntimeError if
@@ -123,6 +143,57 @@ class Receiver:
                 self._spare.setdefault(p.buffer.numel(), []).append(p.buffer)
         return outcome
 
+    def watch(self, posted: list[_Posted]) -> None:
+        """Have each of `posted` waited for on its sender's thread (`finished`, `collect`)."""
+        with self._cond:
+            for p in posted:
+                queue = self._watched.get(p.src)
+                if queue is None:
+                    queue = self._watched[p.src] = collections.deque()
+                    threading.Thread(target=self._watch, args=(queue,), daemon=True,
+                                     name=f"distsgd-exchange-{p.src}").start()
+                queue.append(p)
+            self._cond.notify_all()
+
+    def _watch(self, queue: collections.deque[_Posted]) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: queue)
+                p = queue[0]
+            error = None
+            try:
+                p.work.wait(FOREVER)  # never times out: a timed-out wait closes connections
+            except RuntimeError as e:
+                error = first_line(e)
+            with self._cond:
+                queue.popleft()
+                p.finished, p.error = True, error
+                self._cond.notify_all()
+
+    def finished(self, posted: list[_Posted]) -> bool:
+        """Whether every one of `posted` (`watch`ed) has completed or failed; never blocks."""
+        with self._cond:
+            return all(p.finished for p in posted)
+
+    def collect(self, posted: list[_Posted], seconds: float) -> Outcome:
+        """`wait` for receives handed to `watch`: up to `seconds` for their threads to finish
+        them; check each header and fill each `out`."""
+        with self._cond:
+            self._cond.wait_for(lambda: all(p.finished for p in posted), seconds)
+            outcome = Outcome(missing=[p.src for p in posted if not p.finished])
+        for p in posted:
+            if not p.finished:
+                continue
+            if p.error is not None:
+                if p.src in outcome.dead or self._excused(p.src):
+                    outcome.dead.add(p.src)
+                else:
+                    outcome.failed.append((p.src, p.error))
+            elif outcome.rejected is None:
+                outcome.rejected = self._check(p)
+                self._spare.setdefault(p.buffer.numel(), []).append(p.buffer)
+        return outcome
+
     def _check(self, p: _Posted) -> str | None:
         """Why `p`'s header does not describe what the receiver expected (None: it does), and
         the payload copied into the caller's tensor if it was staged."""
@@ -144,3 +215,61 @@ class Receiver:
         if p.out.numel():
             p.out.copy_(p.buffer[wire.HEADER_BYTES:].view(dtype).view(p.out.shape))
         return None
+
+
+class Started:
+    """`TorchComm.exchange_start`'s `Exchange` (see the module docstring)."""
+
+    def __init__(self, comm: TorchComm, posted: list[_Posted], unsent: frozenset[int],
+                 dead: frozenset[int]) -> None:
+        self._comm, self._posted, self._unsent, self._dead = comm, posted, unsent, dead
+        self._result: tuple[frozenset[int], frozenset[int]] | None = None
+
+    @property
+    def unsent(self) -> frozenset[int]:
+        return self._unsent
+
+    def done(self) -> bool:
+        return self._result is not None or self._comm._receiver.finished(self._posted)
+
+    def wait(self, timeout: float | None = None) -> tuple[frozenset[int], frozenset[int]]:
+        if self._result is not None:
+            return self._result
+        seconds = self._comm.timeout if timeout is None else timeout
+        check_range("timeout", seconds, 0.0, low_open=True)
+        outcome = self._comm._receiver.collect(self._posted, seconds)
+        error = outcome.error(self._comm.rank, seconds)
+        if error is not None:
+            self._comm._broken = "an exchange failed"  # a receive may still be posted
+            raise error
+        self._result = self._unsent, self._dead | frozenset(outcome.dead)
+        return self._result
+
+
+def start(comm: TorchComm, sends: Sequence[tuple[torch.Tensor, int]],
+          recvs: Sequence[tuple[torch.Tensor, int]]) -> Started:
+    """`TorchComm.exchange_start`: every receive posted and watched, then every send."""
+    comm._check_usable("exchange_start")
+    check_exchange(sends, recvs, comm.rank, comm.world_size)
+    for tensor, _ in [*sends, *recvs]:
+        wire.header(wire.DATA, tensor)  # a UsageError before anything is posted
+    dead = comm.dead
+    try:
+        posted = [comm._receiver.post(out, src) for out, src in recvs if src not in dead]
+    except RuntimeError as e:
+        comm._broken = "an exchange failed to start"
+        raise comm._failure("exchange_start", None, comm.timeout, e) from e
+    comm._receiver.watch(posted)
+    unsent: set[int] = set()
+    for tensor, dst in sends:
+        if dst in dead or dst in unsent:
+            unsent.add(dst)
+            continue
+        try:
+            comm._post(None, tensor, dst)
+        except PeerDied:
+            unsent.add(dst)
+            continue
+        comm._counter.add("send", nbytes(tensor))
+    return Started(comm, posted, frozenset(unsent),
+                   frozenset(src for _, src in recvs if src in dead))

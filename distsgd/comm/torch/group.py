@@ -3,7 +3,8 @@
 `init_process_group` initialises torch.distributed's default group for a `TorchComm`; the local
 launcher (`distsgd.launch`) calls it in each worker with a `file_rendezvous`. Under torchrun,
 `from_torchrun_env()` builds the communicator from torchrun's environment (``env://``), and every
-rank ends with `shutdown(comm)`::
+rank ends with `shutdown(comm)`; `join_torchrun` and `tell_all` let a job's ranks agree on
+starting (one rank claims the run folder) before any communicator exists::
 
     comm = from_torchrun_env(timeout=60.0)   # None outside torchrun
     try:
@@ -29,7 +30,7 @@ import torch.distributed as dist
 
 from distsgd.comm.torch.collectives import GLOO_BACKENDS
 from distsgd.comm.torch.comm import TorchComm
-from distsgd.errors import UsageError, check_range
+from distsgd.errors import CommTimeout, UsageError, check_range
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Whether this process's default group is one init_process_group made: shutdown destroys only
@@ -125,16 +126,49 @@ def from_torchrun_env(timeout: float = 300.0, device: str = "cpu") -> TorchComm 
     if not dist.is_initialized():
         if not is_torchrun():
             return None
-        if "GLOO_SOCKET_IFNAME" not in os.environ:
-            ifname = torchrun_interface(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
-            if ifname is not None:
-                os.environ["GLOO_SOCKET_IFNAME"] = ifname
-        init_process_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://",
-                           timeout, device=device)
+        join_torchrun(timeout, device)
     nodes = _gather_nodes(dist.get_world_size())
     comm = TorchComm(timeout)
     comm.nodes = nodes
     return comm
+
+
+def join_torchrun(timeout: float, device: str = "cpu") -> None:
+    """Initialise the default group of this torchrun worker (``env://``), and no communicator
+    yet: the ranks can agree on whether to start (`tell_all`) with no mailbox thread to wind
+    down if they do not. `from_torchrun_env` then builds the communicator on this group."""
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        ifname = torchrun_interface(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        if ifname is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname
+    init_process_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://",
+                       timeout, device=device)
+
+
+def tell_all(source: int, text: str | None, timeout: float) -> str | None:
+    """Rank `source`'s `text` (None: nothing to tell), on every rank of the default group.
+
+    How the ranks of a job learn that the one which set something up for all of them (the run
+    folder) failed, so that they all stop at once instead of each waiting out its timeout.
+    Raises `CommTimeout` when `source` does not answer within `timeout` seconds (the group's
+    timeout, set by `init_process_group`).
+    """
+    mine = dist.get_rank() == source
+    data = (text or "").encode() if mine else b""
+    try:
+        size = torch.tensor([len(data) if mine and text is not None else -1], dtype=torch.int64)
+        dist.broadcast(size, src=source)
+        length = int(size.item())
+        if length <= 0:
+            return None if length < 0 else ""
+        buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if mine
+                  else torch.empty(length, dtype=torch.uint8))
+        dist.broadcast(buffer, src=source)
+    except RuntimeError as e:  # gloo's timeout or a lost peer: DistBackendError and kin
+        raise CommTimeout(f"rank {source} did not say within {timeout:g} s whether the run "
+                          f"starts: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                          ) from None
+    return buffer.numpy().tobytes().decode(errors="replace")
 
 
 def torchrun_interface(master_addr: str, master_port: int) -> str | None:
