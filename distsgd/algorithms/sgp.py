@@ -189,20 +189,25 @@ class SGP(Algorithm):
         handle = ctx.comm.exchange_start([], [(inbox, ctx.worker_ranks[peer])])
         state.posted[(step, peer)] = handle, inbox
 
-    def _arrived(self, ctx: WorkerContext, state: OverlapState, step: int, peer: int) -> bool:
-        """Whether in-peer `peer`'s share of step `step` is in (its receive is posted now, in
+    def _posted(self, ctx: WorkerContext, state: OverlapState, step: int,
+                peer: int) -> tuple[Exchange, torch.Tensor]:
+        """The receive of in-peer `peer`'s share of step `step` and its buffer (posted now, in
         `pending`'s order, if a resumed run has not posted it yet)."""
         if (step, peer) not in state.posted:
             for s, p, payload in state.pending:
                 if payload is None and (s, p) not in state.posted:
                     self._post(ctx, state, s, p)
-        return state.posted[(step, peer)][0].done()
+        return state.posted[(step, peer)]
+
+    def _arrived(self, ctx: WorkerContext, state: OverlapState, step: int, peer: int) -> bool:
+        """Whether in-peer `peer`'s share of step `step` is in."""
+        return self._posted(ctx, state, step, peer)[0].done()
 
     def _receive(self, ctx: WorkerContext, state: OverlapState, step: int,
                  peer: int) -> torch.Tensor | None:
         """In-peer `peer`'s share of step `step`, waited for; None if the peer died
         (``--on-failure continue``)."""
-        self._arrived(ctx, state, step, peer)  # posted
-        handle, inbox = state.posted.pop((step, peer))
+        handle, inbox = self._posted(ctx, state, step, peer)
+        del state.posted[(step, peer)]
         _, unfilled = handle.wait()
         return None if unfilled else inbox

@@ -56,12 +56,11 @@ from distsgd.comm.base import (
     ByteCounter,
     Counted,
     Group,
-    check_exchange,
     nbytes,
 )
 from distsgd.comm.torch import wire
 from distsgd.comm.torch.collectives import GLOO_BACKENDS, Collectives, cpu_copy
-from distsgd.comm.torch.exchange import Receiver, start
+from distsgd.comm.torch.exchange import Receiver, post_all, start
 from distsgd.comm.torch.mailbox import DEATH_GRACE, Mailbox, Outbox, PeerLost, first_line
 from distsgd.errors import (
     CommTimeout,
@@ -180,35 +179,15 @@ class TorchComm(Counted, Collectives):
                  timeout: float | None = None) -> tuple[frozenset[int], frozenset[int]]:
         """Every receive posted, then every send, then all waited for (`comm.torch.exchange`)."""
         self._check_usable("exchange")
-        check_exchange(sends, recvs, self._rank, self._world_size)
         seconds = self._timeout if timeout is None else timeout
         check_range("timeout", seconds, 0.0, low_open=True)
-        for tensor, _ in [*sends, *recvs]:
-            wire.header(wire.DATA, tensor)  # a UsageError before anything is posted
-        dead = self._mailbox.dead_ranks()
-        unsent: set[int] = set()
-        try:
-            posted = [self._receiver.post(out, src) for out, src in recvs if src not in dead]
-        except RuntimeError as e:
-            self._broken = "an exchange failed to start"
-            raise self._failure("exchange", None, seconds, e) from e
-        for tensor, dst in sends:
-            if dst in dead or dst in unsent:
-                unsent.add(dst)
-                continue
-            try:
-                self._post(None, tensor, dst)
-            except PeerDied:
-                unsent.add(dst)
-                continue
-            self._counter.add("send", nbytes(tensor))
+        posted, unsent, dead = post_all(self, sends, recvs, "exchange", seconds)
         outcome = self._receiver.wait(posted, seconds)
         error = outcome.error(self._rank, seconds)
         if error is not None:
             self._broken = "an exchange failed"  # receives may still be posted into the tensors
             raise error
-        unfilled = {src for _, src in recvs if src in dead} | outcome.dead
-        return frozenset(unsent), frozenset(unfilled)
+        return unsent, dead | outcome.dead
 
     exchange_start = start  # `exchange` that returns at once (`comm.torch.exchange.start`)
 

@@ -246,10 +246,12 @@ class Started:
         return self._result
 
 
-def start(comm: TorchComm, sends: Sequence[tuple[torch.Tensor, int]],
-          recvs: Sequence[tuple[torch.Tensor, int]]) -> Started:
-    """`TorchComm.exchange_start`: every receive posted and watched, then every send."""
-    comm._check_usable("exchange_start")
+def post_all(comm: TorchComm, sends: Sequence[tuple[torch.Tensor, int]],
+             recvs: Sequence[tuple[torch.Tensor, int]], verb: str, seconds: float,
+             ) -> tuple[list[_Posted], frozenset[int], frozenset[int]]:
+    """What `exchange` and `start` share: the arguments checked, every receive from a live rank
+    posted, then every send to one; the posted receives, the peers not sent to (dead, or dying
+    during the send) and the dead peers not received from."""
     check_exchange(sends, recvs, comm.rank, comm.world_size)
     for tensor, _ in [*sends, *recvs]:
         wire.header(wire.DATA, tensor)  # a UsageError before anything is posted
@@ -258,8 +260,7 @@ def start(comm: TorchComm, sends: Sequence[tuple[torch.Tensor, int]],
         posted = [comm._receiver.post(out, src) for out, src in recvs if src not in dead]
     except RuntimeError as e:
         comm._broken = "an exchange failed to start"
-        raise comm._failure("exchange_start", None, comm.timeout, e) from e
-    comm._receiver.watch(posted)
+        raise comm._failure(verb, None, seconds, e) from e
     unsent: set[int] = set()
     for tensor, dst in sends:
         if dst in dead or dst in unsent:
@@ -271,5 +272,14 @@ def start(comm: TorchComm, sends: Sequence[tuple[torch.Tensor, int]],
             unsent.add(dst)
             continue
         comm._counter.add("send", nbytes(tensor))
-    return Started(comm, posted, frozenset(unsent),
-                   frozenset(src for _, src in recvs if src in dead))
+    return posted, frozenset(unsent), frozenset(src for _, src in recvs if src in dead)
+
+
+def start(comm: TorchComm, sends: Sequence[tuple[torch.Tensor, int]],
+          recvs: Sequence[tuple[torch.Tensor, int]]) -> Started:
+    """`TorchComm.exchange_start`: `post_all`, each receive then waited for on its sender's
+    thread (`Receiver.watch`), so `done()` never blocks."""
+    comm._check_usable("exchange_start")
+    posted, unsent, dead = post_all(comm, sends, recvs, "exchange_start", comm.timeout)
+    comm._receiver.watch(posted)
+    return Started(comm, posted, unsent, dead)
