@@ -11,7 +11,10 @@ samples next to the measured one, with the error, for five models:
   per-message overhead, no rendezvous; each rank's measured CPU time per step (forward/backward,
   the local work in `opt.step`, the rest of the loop: what the step costs on a core of its own),
   stretched by the cores the run shared (`cpu_share`: N processes on C cores take max(1, N/C)×
-  as long) and by the slow host's factor. Stored as `predicted[spec].default_error`;
+  as long) and by the slow host's factor; moving a byte costs `compute.TRANSFER_CPU` of CPU ×
+  the same share, free while the rank waits for the network, else before its next computation
+  (`NetworkModel.cpu_per_byte`; the run's probe `transfer_cpu` is printed next to it). Stored
+  as `predicted[spec].default_error`;
 - default, seen share: the same, each rank's compute stretched by the share of a core it saw
   (its forward/backward wall time over its CPU time), which counts other jobs on the machine;
 - textbook: the shaped rate, textbook latencies, and each rank's measured forward/backward time
@@ -50,7 +53,7 @@ from benchmarks.network_report import layout, summarize
 from distsgd import data
 from distsgd.comm.base import Comm
 from distsgd.comm.sim import Link, NetworkModel, SimWorld
-from distsgd.comm.sim.compute import cpu_share
+from distsgd.comm.sim.compute import TRANSFER_CPU, cpu_share, transfer_cpu
 from distsgd.config import RunConfig
 
 TARGET = 0.25  # |predicted / measured − 1|
@@ -131,14 +134,18 @@ def predict(setup: network.Setup, spec: str, row: dict[str, Any], rate_bits: flo
     compute = {int(r): (c[0] * slow.get(int(r), 1.0), c[1], *c[2:]) if local
                else (c[0] * slow.get(int(r), 1.0), 0.0)
                for r, c in row["compute_per_step"].items()}
-    return simulate(setup, spec, network_model(rate_bits, hosts, cal), compute, dataset)
+    return simulate(setup, spec, network_model(rate_bits, hosts, cal), compute, dataset,
+                    row["samples"])
 
 
-def default_network(rate_bits: float, hosts: tuple[int, ...]) -> NetworkModel:
+def default_network(rate_bits: float, hosts: tuple[int, ...],
+                    cores: int | None = None) -> NetworkModel:
     """`distsgd train --backend sim`'s network (RunConfig's latency and bandwidth) with the run's
-    machines joined at the shaped rate: nothing measured, nothing fitted."""
+    machines joined at the shaped rate, and with `cores` given, the CPU that moving bytes costs
+    processes sharing them (`transfer_cpu`'s default, as ``--cores`` gives): nothing fitted."""
     return NetworkModel(latency=RunConfig.latency, bandwidth=RunConfig.bandwidth, hosts=hosts,
-                        host_link=Link(RunConfig.latency, rate_bits / 8))
+                        host_link=Link(RunConfig.latency, rate_bits / 8),
+                        cpu_per_byte=transfer_cpu(len(hosts), cores or 0))
 
 
 def predict_default(setup: network.Setup, spec: str, row: dict[str, Any], rate_bits: float,
@@ -157,16 +164,20 @@ def predict_default(setup: network.Setup, spec: str, row: dict[str, Any], rate_b
         share = (cpu_share(len(hosts), cores) if cores is not None
                  else max(1.0, row["compute_per_step"][r][0] / max(c[0], 1e-9)))
         compute[int(r)] = (c[0] * share * slow.get(int(r), 1.0), c[1] * share, c[2] * share)
-    return simulate(setup, spec, default_network(rate_bits, hosts), compute, dataset)
+    return simulate(setup, spec, default_network(rate_bits, hosts, cores), compute, dataset,
+                    row["samples"])
 
 
 def simulate(setup: network.Setup, spec: str, net: NetworkModel,
-             compute: dict[int, tuple[float, ...]], dataset: data.Dataset) -> float:
-    """The virtual wall time of `spec`'s run on `net`, each rank charged `compute[rank]`."""
+             compute: dict[int, tuple[float, ...]], dataset: data.Dataset,
+             samples: int | None = None) -> float:
+    """The virtual wall time of `spec`'s run of `samples` (all workers'; None: the setup's) on
+    `net`, each rank charged `compute[rank]`."""
     world = SimWorld(len(net.hosts), net)
 
     def body(comm: Comm) -> dict[str, Any]:
-        return network.run_algorithm(comm, setup, spec, dataset, charge=compute.get(comm.rank))
+        return network.run_algorithm(comm, setup, spec, dataset, charge=compute.get(comm.rank),
+                                     samples=samples)
 
     return max(float(r["clock"]) for r in world.run(body) if r["role"] == "worker")
 
@@ -234,7 +245,9 @@ def _describe(setup: network.Setup, rows: dict[str, dict[str, Any]], rate_bits: 
     print(f"- default: `distsgd train --backend sim`'s network ({RunConfig.latency * 1e6:.0f} µs, "
           f"{RunConfig.bandwidth / 1e6:.0f} MB/s inside a machine), {rate_bits / 8e6:.2f} MB/s "
           f"between machines; compute = measured CPU time × {cpu_share(len(hosts), cores):g} "
-          f"({len(hosts)} processes on {cores} cores); nothing fitted")
+          f"({len(hosts)} processes on {cores} cores); moving a byte costs "
+          f"{TRANSFER_CPU * 1e9:.2f} ns of CPU × {cpu_share(len(hosts), cores):g}, spent while "
+          "waiting for the network, else before the next computation; nothing fitted")
     print("- default, seen share: the same with each rank's observed share of a core (its "
           "forward/backward wall time / CPU time: other jobs' load too) instead of N/C")
     print(f"- textbook: inside a machine {fitted.intra_latency * 1e6:.0f} µs, "
@@ -259,7 +272,9 @@ def _describe(setup: network.Setup, rows: dict[str, dict[str, Any]], rate_bits: 
           f"back {found[f'0-{cross}-{size}'] * 1e3:.1f} ms (wire {wire * 1e3:.1f} ms); "
           f"all-reduce of it {found[f'allreduce-{size}'] * 1e3:.1f} ms (ring model "
           f"{ring * 1e3:.1f} ms); {within}across {found[f'0-{cross}-4096'] * 1e3:.1f} ms; load "
-          f"average {', '.join(f'{x:.1f}' for x in found.get('load', []))}")
+          f"average {', '.join(f'{x:.1f}' for x in found.get('load', []))}"
+          + (f"; moving a byte costs {found['transfer_cpu'] * 1e9:.2f} ns of CPU (the model: "
+             f"{TRANSFER_CPU * 1e9:.2f})" if "transfer_cpu" in found else ""))
 
 
 def breakdown(records: list[dict[str, Any]], rate_bits: float) -> None:

@@ -5,11 +5,12 @@ by a bridge in a switch namespace; every host's egress (and, with a switch, ever
 is shaped by a token-bucket filter to each rate of ``--rates``. On each rate ONE torchrun job
 (``--per-host`` processes on each of ``--hosts`` hosts, c10d rendezvous on host 0) runs every
 algorithm in turn, then PyTorch DistributedDataParallel, all on the same model (a wide MLP,
-communication-bound by design), the same number of samples and the same batches. One job per rate
-keeps process start-up (half a minute here) out of the budget; algorithms run one after another
-on fresh communicators. ``--slow-host H:FACTOR`` makes torchrun node H's steps take FACTOR× as
-long (its workers sleep (FACTOR − 1) × their forward/backward time after it, as `distsgd train
---straggler` does on real processes), DDP's too.
+communication-bound by design), the same batches and at least ``--samples`` samples (an
+algorithm whose run would last under ``--min-seconds`` runs on a multiple of them; each row says
+how many). One job per rate keeps process start-up (half a minute here) out of the budget;
+algorithms run one after another on fresh communicators. ``--slow-host H:FACTOR`` makes torchrun
+node H's steps take FACTOR× as long (its workers sleep (FACTOR − 1) × their forward/backward time
+after it, as `distsgd train --straggler` does on real processes), DDP's too.
 
 Per algorithm it prints wall time per 1,000 samples (from a barrier to the last rank's last step),
 bytes sent per worker (the Comm layer's counts; DDP's are the ring all-reduce's), the final test
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.network_probes import probe, transfer_cpu_probe
 from benchmarks.network_report import layout, print_table, probes, summarize
 from distsgd import algorithms, data
 from distsgd.comm.base import Comm
@@ -62,7 +64,7 @@ class Setup:
 
     width: int = 512  # hidden units of the MLP: 64·W + W² + 10·W parameters
     dataset: str = "digits"
-    samples: int = 6400  # per algorithm, all workers together
+    samples: int = 6400  # per algorithm, all workers together (at least; see min_seconds)
     batch_size: int = 32
     momentum: float = 0.9
     seed: int = 0
@@ -71,6 +73,10 @@ class Setup:
     hosts: int = 2  # machines: network namespaces
     per_host: int = 2  # torchrun processes on each
     slow_host: tuple[int, float] | None = None  # (torchrun node, factor): its steps factor× longer
+    # An algorithm whose run of `samples` lasts less is run on as many times more samples as make
+    # it last about this long (`longer`): a run of 0.2 s (gosgd's) measures its start and end
+    # more than its steps. Each row records its own `samples` (accuracy then differs with them).
+    min_seconds: float = 1.0
 
     @classmethod
     def load(cls, fields: dict[str, Any]) -> Setup:
@@ -100,13 +106,22 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name, settings
 
 
-def steps_for(setup: Setup, workers: int) -> int:
-    return math.ceil(setup.samples / (workers * setup.batch_size))
+def steps_for(setup: Setup, workers: int, samples: int | None = None) -> int:
+    return math.ceil((samples or setup.samples) / (workers * setup.batch_size))
+
+
+def longer(setup: Setup, seconds: float) -> int | None:
+    """The samples to run an algorithm on whose run of `setup.samples` took `seconds`, so that it
+    lasts about `setup.min_seconds` (a whole multiple of `setup.samples`; one estimate, from that
+    run: not checked again); None: as it is."""
+    factor = math.ceil(setup.min_seconds / max(seconds, 1e-3))
+    return setup.samples * factor if factor > 1 else None
 
 
 # ------------------------------------------------------------------------ one algorithm
 def run_algorithm(comm: Comm, setup: Setup, spec: str, dataset: data.Dataset,
-                  charge: tuple[float, ...] | None = None) -> dict[str, Any]:
+                  charge: tuple[float, ...] | None = None,
+                  samples: int | None = None) -> dict[str, Any]:
     """This rank's part of one algorithm's run; the same code in the simulator and for real.
 
     `charge`: the seconds to charge per step with `comm.elapse` (the simulator): the forward/
@@ -118,8 +133,9 @@ def run_algorithm(comm: Comm, setup: Setup, spec: str, dataset: data.Dataset,
     waits for a core too. Each part's CPU time is recorded as well (`cpu_per_step`: what it
     costs on a core of its own). A worker of the slow host (`Setup.slow_host`) sleeps after its
     forward/backward pass for (factor − 1) times its duration. A worker's loop is timed from its
-    first step (after the initial broadcast) to its last, in real and in virtual time; the
-    evaluated model is then gathered (untimed, uncounted). Servers report their bytes only.
+    first step (after the initial broadcast, and a barrier where there are no servers) to its
+    last, in real and in virtual time; the evaluated model is then gathered (untimed, uncounted).
+    Servers report their bytes only. `samples`: all workers' (None: `setup.samples`).
     """
     name, settings = parse_spec(spec)
     algorithm = algorithms.create(name, settings)
@@ -137,10 +153,12 @@ def run_algorithm(comm: Comm, setup: Setup, spec: str, dataset: data.Dataset,
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     opt = DistributedOptimizer(model, optimizer, algorithm, comm=comm, seed=setup.seed)
     batches = data.batches(dataset, index, len(workers), setup.batch_size, setup.seed, "shard")
-    steps = steps_for(setup, len(workers))
+    steps = steps_for(setup, len(workers), samples)
     nodes = getattr(comm, "nodes", None)  # TorchComm and SimComm have them (AlgoContext.nodes)
     slow = setup.slowdown(nodes[comm.rank]) if nodes else 1.0
     compute = compute_cpu = local_cpu = in_step = outside_cpu = 0.0
+    if len(workers) == comm.world_size:  # no servers to wait for: every loop starts together
+        comm.barrier()  # (the initial broadcast releases ranks up to a model's transfer apart)
     started, virtual = time.perf_counter(), comm.now()  # after the initial broadcast
     for _ in range(steps):
         c_batch = time.thread_time()
@@ -219,48 +237,6 @@ def run_ddp(setup: Setup, dataset: data.Dataset, sleep: float = 0.0) -> dict[str
             "steps": steps, "accuracy": accuracy}
 
 
-# ------------------------------------------------------------------- link probes
-def probe(comm: Comm, pairs: list[tuple[int, int]], sizes: list[int], rounds: int = 8,
-          gap: float = 0.02) -> dict[str, float]:
-    """Round trips through the Comm layer: `a` sends `size` bytes to `b`, `b` answers 8 bytes.
-
-    One pair at a time, `gap` seconds of idleness before each round (as compute leaves the link
-    between steps; TCP restarts slowly after idle). Returns the median round trip per
-    "a-b-size"; every rank calls it.
-    """
-    import torch.distributed as dist
-
-    out: dict[str, float] = {}
-    reply = torch.zeros(2, dtype=torch.float32)
-    for a, b in pairs:
-        for size in sizes:
-            message, times = torch.zeros(size // 4), []
-            for i in range(rounds + 2):  # the first two warm the connection up
-                dist.barrier()
-                time.sleep(gap)
-                t0 = time.perf_counter()
-                if comm.rank == a:
-                    comm.send(message, b)
-                    comm.recv(reply, src=b)
-                elif comm.rank == b:
-                    comm.recv(message, src=a)
-                    comm.send(reply, a)
-                if i >= 2:
-                    times.append(time.perf_counter() - t0)
-            out[f"{a}-{b}-{size}"] = statistics.median(times)
-    for size in sizes:  # gloo's all-reduce over every rank, through the Comm layer
-        message, times = torch.zeros(size // 4), []
-        for i in range(rounds + 2):
-            dist.barrier()
-            time.sleep(gap)
-            t0 = time.perf_counter()
-            comm.all_reduce_(message)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        out[f"allreduce-{size}"] = statistics.median(times)
-    return out
-
-
 # ----------------------------------------------------------------- under torchrun
 def worker_main(setup: Setup, specs: list[str], out: Path) -> None:
     """One torchrun process: every algorithm in turn, then DDP; rank 0 writes the records."""
@@ -282,13 +258,25 @@ def worker_main(setup: Setup, specs: list[str], out: Path) -> None:
     with first.uncounted():
         pairs = [(0, inside)] if inside is not None else []
         probes = probe(first, [*pairs, (0, cross)], [4096, model_bytes])
+        probes["transfer_cpu"] = transfer_cpu_probe(first, 0, cross, model_bytes)
     warm_up(setup, dataset)
+    samples: dict[str, int | None] = {}  # per algorithm, decided on its first run (`longer`)
     for repeat in range(setup.repeats):
         for i, spec in enumerate(specs):
             comm = first if i == 0 and repeat == 0 else TorchComm(setup.timeout)
             comm.nodes = nodes
             dist.barrier()
-            record = run_algorithm(comm, setup, spec, dataset)
+            record = run_algorithm(comm, setup, spec, dataset, samples=samples.get(spec))
+            if spec not in samples:  # too short a run is rerun on more samples, and not kept
+                wall = torch.tensor([record.get("seconds", 0.0)])
+                dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+                samples[spec] = longer(setup, float(wall[0]))
+                if samples[spec] is not None:
+                    comm.close()
+                    comm = TorchComm(setup.timeout)
+                    comm.nodes = nodes
+                    dist.barrier()
+                    record = run_algorithm(comm, setup, spec, dataset, samples=samples[spec])
             comm.close()
             records.append({**record, "node": nodes[comm.rank], "repeat": repeat})
         slept = [(r["slowdown"] - 1) * r["compute_per_step"] for r in records
@@ -334,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="comma-separated; name or name:key=value;key=value")
     p.add_argument("--width", type=int, default=Setup.width)
     p.add_argument("--samples", type=int, default=Setup.samples)
+    p.add_argument("--min-seconds", type=float, default=Setup.min_seconds,
+                   help="an algorithm faster than this on --samples runs on more samples")
     p.add_argument("--batch-size", type=int, default=Setup.batch_size)
     p.add_argument("--repeats", type=int, default=Setup.repeats)
     p.add_argument("--hosts", type=int, default=Setup.hosts, help="machines (namespaces), ≥ 2")
@@ -367,12 +357,14 @@ def main(argv: list[str] | None = None) -> None:
     reason = netns.unavailable()
     if reason is not None:
         sys.exit(f"benchmarks.network: cannot create network namespaces: {reason}")
-    setup = Setup(width=args.width, samples=args.samples, batch_size=args.batch_size,
+    setup = Setup(width=args.width, samples=args.samples, min_seconds=args.min_seconds,
+                  batch_size=args.batch_size,
                   repeats=args.repeats, hosts=args.hosts, per_host=args.per_host,
                   slow_host=slow)
     params = sum(p.numel() for p in wide_mlp(setup.width, (8, 8), 10).parameters())
     print(f"wide MLP width {setup.width} ({params:,} parameters, {params * 4 / 1e6:.2f} MB), "
-          f"{setup.dataset}, {setup.samples} samples per algorithm, batch {setup.batch_size}, "
+          f"{setup.dataset}, ≥ {setup.samples} samples and ≥ {setup.min_seconds:g} s per "
+          f"algorithm, batch {setup.batch_size}, "
           f"{layout(setup)}: {setup.hosts * setup.per_host} processes sharing "
           f"{len(os.sched_getaffinity(0))} CPU cores (load average {os.getloadavg()[0]:.1f})")
     results = []

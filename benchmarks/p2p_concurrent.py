@@ -82,19 +82,39 @@ def k_into_one() -> dict[str, Callable[..., dict[str, float]]]:
             | {f"{p} swapping: {m}": swap(m, p) for p in (1, 2) for m in K_METHODS})
 
 
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return q[0], statistics.median(values), q[-1]
+
+
 def k_table(results: dict[str, dict[str, list[float]]]) -> None:
     """Medians (over rounds, of the last rank's completion) of each k-into-one and swapping
-    scenario, and their ratio to raw gloo's."""
+    scenario, and their ratio to raw gloo's; then the spread of the per-round ratios (round i of
+    a method against round i of raw gloo: they ran one after the other)."""
     print("| scenario | raw gloo ms | exchange ms | × gloo | send/recv ms | × gloo |")
     print("|---|---:|---:|---:|---:|---:|")
+    spreads = []
     for what in [f"{k} into one" for k in (1, 2, 3)] + [f"{p} swapping" for p in (1, 2)]:
-        med = {m: statistics.median([max(ts) for ts in zip(*results[f"{what}: {m}"].values(),
-                                                               strict=True)])
-               for m in K_METHODS if results.get(f"{what}: {m}")}
-        if "gloo" not in med:
+        last = {m: [max(ts) for ts in zip(*results[f"{what}: {m}"].values(), strict=True)]
+                for m in K_METHODS if results.get(f"{what}: {m}")}
+        if "gloo" not in last:
             continue
+        med = {m: statistics.median(times) for m, times in last.items()}
         cells = [f"{med['gloo'] * 1e3:.2f}"]
+        spread = [what]
         for m in K_METHODS[1:]:
             cells += ([f"{med[m] * 1e3:.2f}", f"{med[m] / med['gloo']:.2f}"] if m in med
                       else ["–", "–"])
+            if m in last:
+                q1, q2, q3 = _quartiles([a / b for a, b in zip(last[m], last["gloo"],
+                                                                 strict=True)])
+                spread.append(f"{q2:.2f} ({q1:.2f}–{q3:.2f})")
+            else:
+                spread.append("–")
+        spreads.append(spread)
         print(f"| {what} | {' | '.join(cells)} |")
+    print("\nPer-round ratios to raw gloo: median (interquartile range)\n")
+    print("| scenario | exchange / gloo | send/recv / gloo |")
+    print("|---|---:|---:|")
+    for spread in spreads:
+        print(f"| {' | '.join(spread)} |")

@@ -183,7 +183,9 @@ def _until(t: float) -> None:
 def timed(comm: Comm, named: dict[str, Callable[..., dict[str, float]]], rounds: int,
           gap: float) -> dict[str, dict[str, list[float]]]:
     """Each scenario `rounds` times after 2 warm-up rounds, all ranks starting together: on one
-    machine's CLOCK_MONOTONIC (namespaces share it), so one-way times need no round trip."""
+    machine's CLOCK_MONOTONIC (namespaces share it), so one-way times need no round trip. The
+    scenarios alternate (round i of every scenario, then round i + 1), so a busy spell of a
+    shared machine falls on every method alike, and round i's times may be compared in pairs."""
     roles = {name: rank for rank, name in enumerate(ROLES)}
     results: dict[str, dict[str, list[float]]] = {}
     t0 = 0.0
@@ -194,8 +196,8 @@ def timed(comm: Comm, named: dict[str, Callable[..., dict[str, float]]], rounds:
     def now() -> float:
         return time.perf_counter() - t0
 
-    for name, fn in named.items():
-        for i in range(rounds + 2):
+    for i in range(rounds + 2):
+        for name, fn in named.items():
             start = torch.tensor([time.perf_counter() + gap + 0.01], dtype=torch.float64)
             with comm.uncounted():
                 comm.broadcast_(start, 0)

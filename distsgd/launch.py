@@ -1,6 +1,7 @@
 """Real processes on this machine: start N local gloo workers and supervise them.
 
-`launch(fn, n)` runs ``fn(comm, *args)`` in n fresh processes (``spawn``), each with a `TorchComm`
+`launch(fn, n)` runs ``fn(comm, *args)`` in n fresh processes (forked from a server that has
+imported torch, or ``spawn``: `distsgd.forkserver`), each with a `TorchComm`
 over a gloo group that meets through a file in a fresh temporary directory, and returns the n
 results in rank order. It never leaves a process behind and never hangs past its deadline: the
 first worker that raises or dies ends the run, the others are terminated (SIGTERM, then SIGKILL),
@@ -35,11 +36,12 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from distsgd.comm.torch.group import file_rendezvous
 from distsgd.errors import UsageError, WorkerFailure, check_range
+from distsgd.forkserver import Inherited, context, environ, start_method
 from distsgd.worker_process import Board, Failure, Spec, StepHook, worker_main
 
 # After a failure that is usually a consequence (a timeout, a lost peer), how long to wait for
@@ -82,25 +84,31 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
         raise UsageError(f"unknown on_failure {on_failure!r}; valid choices: "
                          f"{', '.join(ON_FAILURE)}")
     step_hook = _step_hook({**os.environ, **(env or {})}, world_size)
+    method = start_method(device)
     deadline = None if timeout is None else time.monotonic() + timeout
-    ctx = mp.get_context("spawn")
     procs: list[Any] = []
     conns: list[mp.connection.Connection] = []
-    board = Board(ctx, world_size)
     with file_rendezvous() as url:
-        spec = Spec(fn, tuple(args), world_size, url, comm_timeout,
-                     None if timeout is None else time.time() + timeout, os.getpid(),
-                     on_failure == "continue", step_hook, device)
         try:
-            with _START_LOCK, _environ(_worker_env(env)):
-                for rank in range(world_size):
-                    reader, writer = ctx.Pipe(duplex=False)
-                    conns.append(reader)
-                    proc = ctx.Process(target=worker_main, args=(rank, spec, writer, board),
-                                       name=f"distsgd-worker-{rank}")
-                    _start(proc, fn)
-                    procs.append(proc)
-                    writer.close()
+            # Under the lock: the environment a spawned worker copies (or the forkserver, when
+            # it starts) is this launch's alone.
+            with _START_LOCK:
+                extra = _worker_env(env)
+                ctx = context(method, extra["OMP_NUM_THREADS"])
+                board = Board(ctx, world_size)
+                spec = Spec(fn, tuple(args), world_size, url, comm_timeout,
+                            None if timeout is None else time.time() + timeout, os.getpid(),
+                            on_failure == "continue", step_hook, device,
+                            Inherited({**os.environ, **extra}) if method == "forkserver" else None)
+                with environ(extra if method == "spawn" else {}):
+                    for rank in range(world_size):
+                        reader, writer = ctx.Pipe(duplex=False)
+                        conns.append(reader)
+                        proc = ctx.Process(target=worker_main, args=(rank, spec, writer, board),
+                                           name=f"distsgd-worker-{rank}")
+                        _start(proc, fn)
+                        procs.append(proc)
+                        writer.close()
             survivable = set() if on_failure == "stop" else set(range(world_size)) - set(essential)
             return _Supervisor(procs, conns, deadline, timeout, board, survivable).run()
         finally:
@@ -135,21 +143,6 @@ def _worker_env(env: Mapping[str, str] | None) -> dict[str, str]:
         extra["GLOO_SOCKET_IFNAME"] = "lo"  # local workers talk over loopback only
     extra.update(env or {})
     return extra
-
-
-@contextlib.contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables while the workers start (spawn copies the environment)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class _Supervisor:

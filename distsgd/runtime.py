@@ -20,6 +20,7 @@ from distsgd.algorithms.base import Algorithm
 from distsgd.checkpoint import Checkpoints
 from distsgd.comm.base import Comm
 from distsgd.comm.sim import Link, NetworkModel, SimWorld
+from distsgd.comm.sim.compute import transfer_cpu
 from distsgd.config import RunConfig, checkpoint_steps, eval_steps
 from distsgd.errors import CheckpointError, UsageError
 from distsgd.evaluation import BudgetObserver, CollectiveObserver, Evaluator, SimObserver
@@ -178,7 +179,9 @@ def _simulate(cfg: RunConfig, dataset: data.Dataset, folder: RunFolder,
     links = {}
     for a, b, latency, bandwidth in cfg.links:
         links[(a, b)] = links[(b, a)] = Link(latency, bandwidth)
-    world = SimWorld(cfg.world_size(), NetworkModel(cfg.latency, cfg.bandwidth, links))
+    world = SimWorld(cfg.world_size(), NetworkModel(
+        cfg.latency, cfg.bandwidth, links,
+        cpu_per_byte=transfer_cpu(cfg.world_size(), cfg.cores)))  # 0 unless --cores
     total = cfg.total_steps(dataset)
     evaluator = Evaluator(cfg, dataset, folder, total, launched)
     evals = eval_steps(cfg, total)

@@ -1,7 +1,8 @@
 """The ``if __name__ == "__main__":`` guard that starting worker processes needs.
 
-Worker processes are started with multiprocessing's "spawn": each child imports the user's main
-script again, so a script that calls ``distsgd.train(..., backend="processes")`` at its top level
+Worker processes are started with multiprocessing's "forkserver" or "spawn"
+(`distsgd.forkserver`): either way each child imports the user's main script again (the server
+does not), so a script that calls ``distsgd.train(..., backend="processes")`` at its top level
 would start the run again in every child (multiprocessing then fails with a RuntimeError about
 the bootstrapping phase, and the run with "worker 0 died"). `check_main_guard` says instead, in
 one line, what to add: in the parent before any child starts, by finding the line of the main

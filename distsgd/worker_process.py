@@ -16,6 +16,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -31,6 +32,7 @@ from distsgd.comm.base import set_current
 from distsgd.comm.torch import PeerLost, TorchComm
 from distsgd.comm.torch.group import init_process_group, shutdown
 from distsgd.errors import CommTimeout, DivergenceError, PeerDied, UsageError
+from distsgd.forkserver import Inherited
 
 _WATCH_PERIOD = 0.05  # seconds between a survivor's looks at the board for deaths
 StepHook = Callable[[int, int], None]  # (rank, step), in the worker after each noted step
@@ -38,7 +40,7 @@ StepHook = Callable[[int, int], None]  # (rank, step), in the worker after each 
 
 @dataclass(frozen=True)
 class Spec:
-    """What every worker process needs (pickled into it by ``spawn``)."""
+    """What every worker process needs (pickled into it by its start method)."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
@@ -50,6 +52,7 @@ class Spec:
     carry_on: bool = False  # on_failure == "continue"
     step_hook: StepHook | None = None  # fault injection (`distsgd.launch._step_hook`)
     device: str = "cpu"  # cuda: each process its own GPU, NCCL for collectives
+    inherited: Inherited | None = None  # forked by the forkserver: the launch's env and streams
 
 
 class Board:
@@ -97,6 +100,8 @@ class Failure:
 
 def worker_main(rank: int, spec: Spec, conn: mp.connection.Connection, board: Board) -> None:
     _die_with_parent(spec.parent_pid)
+    if spec.inherited is not None:
+        spec.inherited.apply()  # before anything reads the environment
     _name_process(f"distsgd-rank{rank}")
     torch.set_num_threads(1)
     comm: TorchComm | None = None
@@ -172,19 +177,48 @@ def _name_process(name: str) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15])  # PR_SET_NAME
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(launcher_pid: int) -> None:
     """Make this process die when the launching process dies, however it dies."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-            if os.getppid() != parent_pid:  # the parent died before prctl took effect
-                os._exit(1)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: when the parent dies
+            if os.getppid() == launcher_pid:  # spawned: the parent is the launcher
+                return
+            # Forked by the forkserver, this process's parent: the server exits when the
+            # launcher does (then the signal comes), but watch the launcher itself as well.
+            _watch_launcher(launcher_pid)
             return
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
+        while os.getppid() == launcher_pid:
             time.sleep(0.5)
         os._exit(1)
 
     threading.Thread(target=watch, name="distsgd-parent-watch", daemon=True).start()
+
+
+def _watch_launcher(launcher_pid: int) -> None:
+    """Exit when the process `launcher_pid` ends (Linux: a pidfd turns readable then)."""
+    try:
+        pidfd = os.pidfd_open(launcher_pid)
+    except ProcessLookupError:  # it ended before this process started
+        os._exit(1)
+    except (OSError, AttributeError):  # a kernel before 5.3: poll instead
+        pidfd = None
+
+    def watch() -> None:
+        while True:
+            if pidfd is not None:
+                if select.select([pidfd], [], [], 60.0)[0]:
+                    os._exit(1)
+                continue
+            try:
+                os.kill(launcher_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="distsgd-launcher-watch", daemon=True).start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing.forkserver
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import torch
 from distsgd.comm.base import Comm, current
 from distsgd.comm.torch.group import file_rendezvous, free_port, from_torchrun_env, is_torchrun
 from distsgd.errors import PeerDied, UsageError, WorkerFailure
+from distsgd.forkserver import START_METHOD_ENV, start_method
 from distsgd.launch import launch
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.processes]
@@ -67,6 +69,17 @@ def unpicklable_result(comm: Comm) -> Any:
     return threading.Lock()
 
 
+def report_environment(comm: Comm, tag: str) -> tuple[str | None, str | None, str | None, int]:
+    print(f"rank {comm.rank} says {tag} on stdout", flush=True)
+    print(f"rank {comm.rank} says {tag} on stderr", file=sys.stderr, flush=True)
+    return (os.environ.get("DISTSGD_TEST_OS"), os.environ.get("DISTSGD_TEST_ENV"),
+            os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
+
+
+def parent_pid(comm: Comm) -> int:
+    return os.getppid()
+
+
 # -------------------------------------------------------------------------- helpers
 def _alive(pid: int) -> bool:
     try:
@@ -76,20 +89,42 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
 
-def _worker_children() -> list[int]:
-    """Live multiprocessing workers whose parent is this process (its resource tracker aside)."""
-    pids = []
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process."""
+    parents = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = _parents()
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _worker_children() -> list[int]:
+    """Live processes started by this process, except the long-lived helpers of
+    multiprocessing (the forkserver, the resource tracker): workers left behind."""
+    server = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    pids = []
+    for pid in _descendants(os.getpid()):
         try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == os.getpid() and "spawn_main" in cmdline and _alive(int(entry.name)):
-            pids.append(int(entry.name))
+        if pid != server and "resource_tracker" not in cmdline and _alive(pid):
+            pids.append(pid)
     return pids
 
 
@@ -159,13 +194,17 @@ def test_workers_die_with_the_launching_process(tmp_path: Path) -> None:
               f"launch(test_launch.block_forever, 2, args=({str(tmp_path)!r},), comm_timeout=60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:
-        assert _wait_for(lambda: all((tmp_path / f"{r}.pid").exists() for r in range(2)), 60)
+        # A first launch starts the forkserver, which imports torch and more: slow on a busy
+        # machine.
+        assert _wait_for(lambda: all((tmp_path / f"{r}.pid").exists() for r in range(2)), 100)
         pids = _pids(tmp_path, 2)
         assert all(_alive(pid) for pid in pids)
+        started = _descendants(parent.pid)  # the workers, and the forkserver if there is one
+        assert set(pids) <= set(started)
     finally:
         parent.kill()
         parent.wait()
-    assert _wait_for(lambda: not any(_alive(pid) for pid in pids), 10)
+    assert _wait_for(lambda: not any(_alive(pid) for pid in started), 10)
 
 
 def test_the_deadline_ends_a_run_that_does_not_finish() -> None:
@@ -256,3 +295,55 @@ def test_with_continue_an_essential_rank_still_ends_the_run() -> None:
                                             r"step 2$"):
         launch(outlive_rank_two, 3, timeout=100, comm_timeout=60, on_failure="continue",
                essential=[0], env={"DISTSGD_KILL": "0:2"})
+
+
+# --------------------------------------------------------------- how workers start
+@linux_only
+def test_workers_are_forked_by_a_forkserver_unless_spawn_is_asked_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    assert start_method("cpu") == "forkserver" and start_method("cuda") == "spawn"
+    forked = launch(parent_pid, 2, timeout=100, comm_timeout=60)
+    server = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    assert forked == [server, server] and server != os.getpid()
+    monkeypatch.setenv(START_METHOD_ENV, "spawn")
+    assert launch(parent_pid, 2, timeout=100, comm_timeout=60) == [os.getpid()] * 2
+    monkeypatch.setenv(START_METHOD_ENV, "fork")
+    with pytest.raises(UsageError, match=r"^DISTSGD_START_METHOD='fork' is not a start method; "
+                                         r"valid choices: forkserver, spawn$"):
+        launch(parent_pid, 2)
+
+
+def test_each_launch_has_its_own_environment_and_the_current_streams(
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A forkserver started now (if none runs yet) has the uncaptured streams and no variable.
+    monkeypatch.delenv("DISTSGD_TEST_OS", raising=False)
+    with capfd.disabled():
+        launch(identify, 1, args=("warm-up",), timeout=100, comm_timeout=60)
+    omp = os.environ.get("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("DISTSGD_TEST_OS", "os")
+    first = launch(report_environment, 2, args=("one",), env={"DISTSGD_TEST_ENV": "env"},
+                   timeout=100, comm_timeout=60)
+    monkeypatch.delenv("DISTSGD_TEST_OS")
+    second = launch(report_environment, 2, args=("two",), timeout=100, comm_timeout=60)
+    assert first == [("os", "env", omp, 1)] * 2
+    assert second == [(None, None, omp, 1)] * 2
+    assert "DISTSGD_TEST_ENV" not in os.environ
+    out, err = capfd.readouterr()
+    for stream, text in (("stdout", out), ("stderr", err)):
+        said = sorted(line for line in text.splitlines() if " says " in line)
+        assert said == sorted(f"rank {r} says {tag} on {stream}" for tag in ("one", "two")
+                              for r in (0, 1)), text
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_function_of_the_main_script_runs_in_the_workers(tmp_path: Path, method: str) -> None:
+    script = tmp_path / "main_script.py"
+    script.write_text(f"import sys; sys.path[:0] = [{str(TESTS.parent)!r}]\n"
+                      "from distsgd.launch import launch\n\n"
+                      "def double_rank(comm):\n    return 2 * comm.rank\n\n"
+                      'if __name__ == "__main__":\n'
+                      "    print(launch(double_rank, 2, timeout=100, comm_timeout=60))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=110, env={**os.environ, START_METHOD_ENV: method})
+    assert (done.returncode, done.stdout) == (0, "[0, 2]\n"), done.stderr[-3000:]

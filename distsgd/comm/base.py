@@ -13,14 +13,15 @@ Semantics both backends honour (tests/test_comm_conformance.py checks them on bo
   it), so algorithms create their groups in ``init`` on every rank.
 - ``exchange(sends, recvs, timeout=None)``: point-to-point where each rank knows in advance whom
   it receives from and what (sgp, crossover: from the shared seed). It posts every receive
-  ``(out, src)`` and every send ``(tensor, dst)`` at once (sends buffered as by ``send``) and
-  returns when every ``out`` is filled. Its messages travel on a channel of their own: received
-  only by the peer's ``exchange``, never by ``recv``/``poll``, and the k-th a rank sends a peer
-  fills that peer's k-th ``exchange`` receive from it, of the same dtype and shape. Bytes count
-  as ``send``. It returns ``(unsent, unfilled)``: the peers found dead under ``--on-failure
-  continue`` to which nothing was sent, and those whose ``out`` was left as it was; both empty
-  elsewhere. The simulator runs it as the sends, then the receives, in order: exactly the cost
-  and result of ``send`` and ``recv``.
+  ``(out, src)`` and every send ``(tensor, dst)`` at once and returns when every ``out`` is
+  filled and every send has left (as MPI_Sendrecv: a send may wait for its receiver's matching
+  receive), so the caller may change the tensors at once. Its messages travel on a channel of
+  their own: received only by the peer's ``exchange``, never by ``recv``/``poll``, and the k-th a
+  rank sends a peer fills that peer's k-th ``exchange`` receive from it, of the same dtype and
+  shape. Bytes count as ``send``. It returns ``(unsent, unfilled)``: the peers found dead under
+  ``--on-failure continue`` to which nothing was sent, and those whose ``out`` was left as it
+  was; both empty elsewhere. The simulator runs it as the sends, then the receives, in order:
+  exactly the cost and result of ``send`` and ``recv``.
 - ``exchange_start(sends, recvs)``: ``exchange`` that does not wait (OSGP: step t's shares are
   mixed in up to ``synch_freq`` steps later). It sends and posts at once and returns an
   `Exchange`: ``unsent`` at once, ``done()`` (never blocks: whether ``wait`` would return at once),

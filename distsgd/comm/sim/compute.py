@@ -71,6 +71,24 @@ def cpu_share(processes: int, cores: int) -> float:
     return max(1.0, processes / cores)
 
 
+# CPU seconds per byte that a gloo send or receive costs its process (the copies into and out of
+# the socket, TCP), per side. Measured, not fitted: two local processes send each other a 1.2 MB
+# tensor 100 times, each one's getrusage CPU over the bytes it moved: 0.61–0.77 ns in three runs
+# on the benchmark machine (docs/multi-machine.md, "transfer CPU"); `benchmarks.network` measures
+# it on each run's own link (probe `transfer_cpu`) and `benchmarks.calibrate` prints both.
+TRANSFER_CPU = 0.7e-9
+
+
+def transfer_cpu(processes: int, cores: int, per_byte: float = TRANSFER_CPU) -> float:
+    """`NetworkModel.cpu_per_byte` for `processes` processes sharing `cores` cores: the CPU of
+    moving a byte, stretched by the cores' share as computation is (`cpu_share`), where no core
+    is spare. Fewer processes than cores, or cores=0 (a core each, the simulator's default),
+    give 0: a spare core moves the bytes."""
+    if cores == 0 or processes < cores:
+        return 0.0
+    return per_byte * cpu_share(processes, cores)
+
+
 @dataclass(frozen=True)
 class Slowdown:
     """Seeded random slowdown of each step: a factor exp(N(0, σ²)) (none: 1)."""

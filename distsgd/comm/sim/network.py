@@ -54,6 +54,12 @@ class NetworkModel:
     # Off by default: only messages between machines (`host_link`) are affected.
     rendezvous: bool = False
     host_queue: float = 0.05
+    # The CPU that moving a byte costs a rank (seconds of its wall time per byte sent or received:
+    # the copies into and out of the socket, TCP): spent while the rank waits for the network it
+    # is free, otherwise it delays the rank's next computation (`SimWorld`, "transfer CPU" in
+    # docs/multi-machine.md). 0: moving bytes costs no CPU, as with a core to spare.
+    # `compute.transfer_cpu` gives it for processes sharing cores.
+    cpu_per_byte: float = 0.0
 
     def link(self, src: int, dst: int) -> Link:
         return self.links.get((src, dst)) or Link(self.latency, self.bandwidth)

@@ -79,6 +79,8 @@ class _Worker:
     inbox: list[_Message] = field(default_factory=list)
     exposed: dict[str, Callable[[], Any]] = field(default_factory=dict)
     counter: ByteCounter = field(default_factory=ByteCounter)
+    debt: float = 0.0  # CPU seconds that moving bytes still owes (`NetworkModel.cpu_per_byte`)
+    sending: list[tuple[float, float]] = field(default_factory=list)  # (has left, its CPU)
     result: Any = None
     error: BaseException | None = None
     greenlet: greenlet | None = None  # made by `Scheduler._run`; switched to for the baton

@@ -5,6 +5,13 @@ order; the network model (`distsgd.comm.sim.network`) says when a message arrive
 collective costs. This module joins them: what each verb does to the workers' clocks, inboxes and
 byte counters, and the world's state for checkpoints. Collectives synchronise the group's clocks:
 they end at the latest member's clock plus the collective's modelled cost.
+
+Transfer CPU (`NetworkModel.cpu_per_byte`): every byte a rank sends or receives costs it CPU, a
+message sent once it has left the rank's NIC (bytes still queued behind a slow link have cost
+nothing yet), a message received once taken. That CPU is spent while the rank waits for the
+network (a blocking receive, a collective), so a rank that waits anyway loses nothing; what is
+left over (`_Worker.debt`) delays the rank's next computation (`elapse`). So communication that
+overlaps computation (OSGP, asynchronous pushes) is not free on a machine whose cores are busy.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from distsgd.comm.base import (
     tree_broadcast_children,
 )
 from distsgd.comm.sim.network import NetworkModel, Nics
-from distsgd.comm.sim.scheduler import _IDLE, Scheduler, _Collective, _Message
+from distsgd.comm.sim.scheduler import _IDLE, Scheduler, _Collective, _Message, _Worker
 from distsgd.comm.sim.simcomm import SimComm
 
 T = TypeVar("T")
@@ -53,7 +60,7 @@ class SimWorld(Scheduler):
         return {"seq": self._seq, "host_nics": (dict(hosts.egress), dict(hosts.ingress)),
                 "ranks": [{
             "clock": w.clock, "nic_free": nic.egress_free, "ingress_free": nic.ingress_free,
-            "bytes_by_verb": dict(w.counter.by_verb),
+            "bytes_by_verb": dict(w.counter.by_verb), "cpu_debt": (w.debt, list(w.sending)),
             "inbox": [(m.arrival, m.seq, m.src, m.payload.cpu().clone()) for m in w.inbox],
         } for w, nic in zip(self._workers, self._nics.ranks, strict=True)]}
 
@@ -66,6 +73,8 @@ class SimWorld(Scheduler):
             w.clock, nic.egress_free, nic.ingress_free = (s["clock"], s["nic_free"],
                                                           s["ingress_free"])
             w.counter.by_verb = dict(s["bytes_by_verb"])
+            w.debt, sending = s.get("cpu_debt", (0.0, []))  # older checkpoints: none owed
+            w.sending = [(float(t), float(c)) for t, c in sending]
             w.inbox = [_Message(a, seq, src, p.clone()) for a, seq, src, p in s["inbox"]]
             self._rekey(w)
 
@@ -85,6 +94,9 @@ class SimWorld(Scheduler):
         if receiver.state == "recv":  # waiting for a message: this one may move its key
             self._rekey(receiver)
         sender.counter.add("send", size)
+        if self.network.cpu_per_byte:  # owed once the message has left the sender's NIC
+            left = self._nics.ranks[src].egress_free
+            sender.sending.append((left, size * self.network.cpu_per_byte))
 
     def recv(self, rank: int, out: torch.Tensor, src: int | None) -> int:
         w = self._workers[rank]
@@ -97,9 +109,11 @@ class SimWorld(Scheduler):
             self._yield(w)
         w.state, w.recv_src = "ready", None
         w.inbox.remove(m)
+        waited = max(0.0, m.arrival - w.clock)  # receiving's CPU is spent while it arrives
         w.clock = max(w.clock, m.arrival)
         self._keys[rank] = (w.clock, rank)
         _copy_into(out, m, rank)
+        self._owe(w, nbytes(m.payload), waited, w.clock)
         return m.src
 
     def poll(self, rank: int, out: torch.Tensor, src: int | None) -> int | None:
@@ -116,13 +130,33 @@ class SimWorld(Scheduler):
             return None
         w.inbox.remove(m)
         _copy_into(out, m, rank)
+        self._owe(w, nbytes(m.payload), 0.0, w.clock)
         return m.src
+
+    def _owe(self, w: _Worker, size: float, waited: float, until: float) -> None:
+        """`w` received `size` bytes, and its messages that have left by `until` are sent, and it
+        had waited `waited` seconds for the network meanwhile: the transfer CPU that the wait did
+        not absorb is still owed (paid at the next `elapse`)."""
+        if self.network.cpu_per_byte:
+            w.debt = max(0.0, w.debt + self._sent_by(w, until)
+                         + size * self.network.cpu_per_byte - waited)
+
+    @staticmethod
+    def _sent_by(w: _Worker, until: float) -> float:
+        """The CPU of `w`'s messages that have left its NIC by `until`, taken off `w.sending`."""
+        cost = sum(c for t, c in w.sending if t <= until)
+        if cost:
+            w.sending = [(t, c) for t, c in w.sending if t > until]
+        return cost
 
     def elapse(self, rank: int, seconds: float) -> None:
         if not 0 <= seconds < math.inf:  # NaN too: it would not compare when scheduling
             raise ValueError(f"elapse({seconds}): seconds must be finite and >= 0")
         w = self._workers[rank]
-        w.clock += seconds
+        if w.sending:  # messages that leave while it computes compete with it too
+            w.debt += self._sent_by(w, w.clock + seconds)
+        w.clock += seconds + w.debt  # computing waits for the transfer CPU still owed
+        w.debt = 0.0
         self._keys[rank] = (w.clock, rank)
         if not self._is_next(w):
             self._yield(w)
@@ -164,6 +198,7 @@ class SimWorld(Scheduler):
             for t in tensors:
                 t.copy_(total)
             cost = self.network.allreduce_time(size, n, c.group)
+            moved = {r: 2 * ring_allreduce_bytes(size, n) for r in c.group}  # sent and received
             for r in c.group:
                 self._workers[r].counter.add("all_reduce", ring_allreduce_bytes(size, n))
         elif c.verb == "broadcast":
@@ -174,13 +209,17 @@ class SimWorld(Scheduler):
                     t.copy_(root)
             cost = self.network.broadcast_time(size, n, c.group)
             pos = {r: (i - c.group.index(c.src)) % n for i, r in enumerate(c.group)}
+            moved = {r: size * (tree_broadcast_children(pos[r], n) + (r != c.src))
+                     for r in c.group}
             for r in c.group:
                 self._workers[r].counter.add("broadcast", size * tree_broadcast_children(pos[r], n))
         else:  # barrier
             cost = self.network.allreduce_time(0, n, c.group)
+            moved = {r: 0 for r in c.group}
         end = max(c.clocks.values()) + cost
         for r in c.group:
             o = self._workers[r]
+            self._owe(o, moved[r], end - c.clocks[r], end)
             o.clock = end
             if o.state == "collective":
                 o.state, o.collective = "ready", None

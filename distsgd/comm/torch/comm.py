@@ -19,19 +19,18 @@ Failures: a collective that times out leaves gloo's own operation running, so af
 fails the operations that were under way with it (`PeerLost`), but gloo's any-source receive does
 not notice: a recv waiting on a dead peer ends with its timeout, or earlier when the launcher (or
 torchrun) ends the run. In a run that carries on after a death (``--on-failure continue``), the
-launcher tells each survivor (`mark_dead`); from then on a send to the dead rank, a recv or a
-poll from it (once what it sent before dying has been taken) and the next any-source recv raise
+launcher tells each survivor (`mark_dead`); from then on a send to the dead rank, a recv or a poll
+from it (once what it sent before dying has been taken) and the next any-source recv raise
 `PeerDied`, so the algorithm can route around it, and `close` no longer waits for its goodbye. An
 any-source poll never raises: it takes what has come, and the next any-source recv announces the
-death. Gloo refuses an isend to a closed connection at once; in that
-mode such a refusal, or a lost send, also marks the peer dead.
+death. Gloo refuses an isend to a closed connection at once; in that mode such a refusal, or a lost
+send, also marks the peer dead.
 
 Supervision: a process the local launcher started has a `Supervisor` (its view of the launcher's
 shared board, `distsgd.worker_process`), which `note_step` tells of each step and `deaths` asks;
 without one (torchrun) `note_step` does nothing and `deaths` is empty.
 
-Example, on every rank of an initialised gloo default group
-(`distsgd.comm.torch.group.init_process_group`)::
+Example, on every rank of a gloo group (`distsgd.comm.torch.group.init_process_group`)::
 
     comm = TorchComm(timeout=60.0)
     if comm.rank == 0:
@@ -60,7 +59,7 @@ from distsgd.comm.base import (
 )
 from distsgd.comm.torch import wire
 from distsgd.comm.torch.collectives import GLOO_BACKENDS, Collectives, cpu_copy
-from distsgd.comm.torch.exchange import Receiver, post_all, start
+from distsgd.comm.torch.exchange import Receiver, Sender, Started, post_all
 from distsgd.comm.torch.mailbox import DEATH_GRACE, Mailbox, Outbox, PeerLost, first_line
 from distsgd.errors import (
     CommTimeout,
@@ -120,6 +119,7 @@ class TorchComm(Counted, Collectives):
         self._mailbox = Mailbox(self._rank, self._world_size - 1, carry_on)
         self._receiver = Receiver(self._rank, self._world_size, lambda src: carry_on and (
             self._mailbox.await_death(src, DEATH_GRACE)))
+        self._sender = Sender(self._world_size, self._outbox)
         self._supervisor = supervisor
         self._broken: str | None = None
         self._closed = False
@@ -127,9 +127,8 @@ class TorchComm(Counted, Collectives):
         atexit.register(self._at_exit)
 
     def _at_exit(self) -> None:
-        # A process that ends without `close` still has the mailbox thread blocked in gloo; if it
-        # wakes while the interpreter shuts down, the process aborts. Destroying the group first,
-        # while Python still runs, avoids that.
+        # Without `close` the mailbox thread is still blocked in gloo; if it wakes during the
+        # interpreter's shutdown the process aborts, so the group is destroyed while Python runs.
         if not self._closed and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -177,19 +176,42 @@ class TorchComm(Counted, Collectives):
     def exchange(self, sends: Sequence[tuple[torch.Tensor, int]],
                  recvs: Sequence[tuple[torch.Tensor, int]],
                  timeout: float | None = None) -> tuple[frozenset[int], frozenset[int]]:
-        """Every receive posted, then every send, then all waited for (`comm.torch.exchange`)."""
+        """Receives posted, then sends, then all waited for, sends too (`comm.torch.exchange`)."""
         self._check_usable("exchange")
         seconds = self._timeout if timeout is None else timeout
         check_range("timeout", seconds, 0.0, low_open=True)
-        posted, unsent, dead = post_all(self, sends, recvs, "exchange", seconds)
-        outcome = self._receiver.wait(posted, seconds)
+        direct: list[tuple[int, Any]] = []
+        posted, unsent, dead = self._post_exchange(sends, recvs, "exchange", seconds, direct)
+        outcome = self._receiver.wait(posted, seconds, direct)
         error = outcome.error(self._rank, seconds)
         if error is not None:
             self._broken = "an exchange failed"  # receives may still be posted into the tensors
             raise error
-        return unsent, dead | outcome.dead
+        return unsent | outcome.unsent, dead | outcome.dead
 
-    exchange_start = start  # `exchange` that returns at once (`comm.torch.exchange.start`)
+    def exchange_start(self, sends: Sequence[tuple[torch.Tensor, int]],
+                       recvs: Sequence[tuple[torch.Tensor, int]]) -> Started:
+        """`exchange` that returns at once: each receive waited for on its sender's thread."""
+        self._check_usable("exchange_start")
+        posted, unsent, dead = self._post_exchange(sends, recvs, "exchange_start", self._timeout)
+        return Started(self._receiver, posted, unsent, dead, self._rank, self._timeout,
+                       lambda why: setattr(self, "_broken", why))
+
+    def _post_exchange(self, sends: Sequence[tuple[torch.Tensor, int]],
+                       recvs: Sequence[tuple[torch.Tensor, int]], verb: str, seconds: float,
+                       direct: list[tuple[int, Any]] | None = None,
+                       ) -> tuple[list[Any], frozenset[int], frozenset[int]]:
+        def refused(error: RuntimeError) -> Exception:
+            self._broken = "an exchange failed to start"
+            return self._failure(verb, None, seconds, error)
+        def send(tensor: torch.Tensor, dst: int) -> bool:
+            with contextlib.suppress(PeerDied):  # False: it died, nothing was sent
+                self._post(None, tensor, dst, direct)
+                self._counter.add("send", nbytes(tensor))
+                return True
+            return False
+        return post_all(self._receiver, send, sends, recvs, self._rank, self._world_size,
+                        self.dead, refused)
 
     def poll(self, out: torch.Tensor, src: int | None = None) -> int | None:
         self._check_usable("poll")
@@ -276,13 +298,13 @@ class TorchComm(Counted, Collectives):
         out.copy_(payload)
         return sender
 
-    def _post(self, header: torch.Tensor | None, payload: torch.Tensor | None, dst: int) -> None:
-        """Post a message: `header` and `payload`, or (header None) `payload` packed on
-        exchange's channel."""
+    def _post(self, header: torch.Tensor | None, payload: torch.Tensor | None, dst: int,
+              direct: list[tuple[int, Any]] | None = None) -> None:
+        """Post `header` and `payload`, or (header None) `payload` on exchange's channel."""
         try:
             if header is None:
                 assert payload is not None
-                self._outbox.post_packed(payload, dst)
+                self._sender.post(payload, dst, direct)
             else:
                 self._outbox.post(header, payload, dst)
         except RuntimeError as e:

@@ -306,8 +306,7 @@ class Outbox:
         self._queue: collections.deque[tuple[Any, torch.Tensor, int, bool]] = collections.deque()
         self._failures: list[tuple[int, str]] = []
         self._sequence = [0] * world_size  # the next message's number, per receiver
-        self._packed_sequence = [0] * world_size  # the same on exchange's channel (`wire.X_TAG`)
-        # exchange's sent buffers by size, reused: fresh memory costs a page fault per page
+        # sent buffers by size (`track`'s reuse), reused: fresh memory costs a page fault per page
         self._spare: dict[int, list[torch.Tensor]] = {}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -317,26 +316,30 @@ class Outbox:
         """Start sending a message (`wire.header`, then `payload` unless None or empty) to
         `dst`; gloo's RuntimeError if it refuses at once (the connection is closed)."""
         header[wire.SEQ] = self._sequence[dst]
-        self._put(dist.isend(header, dst, tag=wire.HEADER_TAG), header, dst)
+        sent = [(started(dist.isend(header, dst, tag=wire.HEADER_TAG)), header, False)]
         self._sequence[dst] += 1
-        if payload is not None and payload.numel():
-            raw = payload.reshape(-1).view(torch.uint8)
-            self._put(dist.isend(raw, dst, tag=wire.PAYLOAD_TAG), payload, dst)
+        try:
+            if payload is not None and payload.numel():
+                raw = payload.reshape(-1).view(torch.uint8)
+                sent.append((started(dist.isend(raw, dst, tag=wire.PAYLOAD_TAG)), payload, False))
+        finally:
+            self.track(dst, sent)
 
-    def post_packed(self, payload: torch.Tensor, dst: int) -> None:
-        """Start sending `payload` to `dst` on exchange's channel (`wire.packed`: one buffer,
-        so one gloo message); gloo's RuntimeError if it refuses at once."""
-        size = wire.HEADER_BYTES + payload.numel() * payload.element_size()
+    def spare(self, size: int) -> torch.Tensor | None:
+        """A buffer of `size` bytes that `track` was given to reuse and that has been sent, or
+        None."""
         with self._cond:
             spare = self._spare.get(size)
-            into = spare.pop() if spare else None
-        message = wire.packed(payload, self._packed_sequence[dst], into)
-        self._put(dist.isend(message, dst, tag=wire.X_TAG), message, dst, reuse=True)
-        self._packed_sequence[dst] += 1
+            return spare.pop() if spare else None
 
-    def _put(self, work: Any, payload: torch.Tensor, dst: int, reuse: bool = False) -> None:
+    def track(self, dst: int, sent: list[tuple[Any, torch.Tensor, bool]]) -> None:
+        """Keep sends that the caller posted to `dst`, as (work, its tensor, whether the tensor
+        is a uint8 buffer to hand out by `spare` once sent), until gloo completes them: one
+        wake-up of the thread for them all."""
+        if not sent:
+            return
         with self._cond:
-            self._queue.append((work, payload, dst, reuse))
+            self._queue.extend((work, tensor, dst, reuse) for work, tensor, reuse in sent)
             self._cond.notify_all()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="distsgd-outbox",

@@ -2,8 +2,12 @@
 
 Each message is a fixed header of `HEADER_LEN` int64 on gloo tag `HEADER_TAG`, then (unless it
 is empty or a goodbye) its payload as raw bytes on `PAYLOAD_TAG`. The messages of `exchange`
-(posted-ahead receives: the receiver knows each sender and layout) are one buffer each, the
-header then the payload (`packed`), on a channel of their own: tag `X_TAG`, their own numbers.
+(posted-ahead receives: the receiver knows each sender and layout) are on a channel of their own
+with their own numbers: below `SPLIT_BYTES` of payload one buffer, the header then the payload
+(`packed`), on tag `X_TAG`; from `SPLIT_BYTES` on the header on `X_TAG`, then the payload on
+`X_BODY_TAG`, which the receiver takes straight into its own tensor and a blocking `exchange`
+sends straight from the caller's (no copy: a copy of a large payload costs more than a second
+message).
 The header holds: the magic number, the kind, a dtype code, the number of dimensions, a
 sequence number (per channel, sender and receiver), the shape padded to `MAX_DIMS`, and the magic
 again. gloo part-fills a larger receive buffer without saying so; the trailer (zeroed before each
@@ -21,6 +25,12 @@ from distsgd.errors import UsageError
 
 HEADER_TAG, PAYLOAD_TAG = 7101, 7102  # gloo tags of distsgd's messages
 X_TAG = 7103  # ... and of exchange's, never mixed with the others
+X_BODY_TAG = 7104  # ... and of exchange's payloads of SPLIT_BYTES or more (sent apart)
+# Measured on loopback, 2 busy cores (benchmarks.p2p_costs --loopback, k into one): at 64 KiB
+# one message and its two copies cost what two messages and none do (exchange sends a split
+# message from the caller's tensor); at 1.2 MB splitting cuts exchange from 1.3-1.6× to
+# 1.2-1.4× raw gloo.
+SPLIT_BYTES = 1 << 16
 MAGIC = 0x6473_6764_0001  # "dsgd", wire version 1: anything else is not our message
 DATA, GOODBYE, REPORT = 0, 1, 2  # REPORT: evaluation reports, a channel of their own
 KINDS = (DATA, GOODBYE, REPORT)
