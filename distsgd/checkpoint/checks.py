@@ -145,6 +145,9 @@ def _check_world(world: Any, ranks: int, path: Path) -> None:
     if not (isinstance(nics, (list, tuple)) and len(nics) == 2
             and all(isinstance(n, dict) for n in nics)):
         raise fail(f"host_nics are {_short(nics)}; valid: (egress, ingress) dicts")
+    busy = world.get("host_ingress_busy", {})  # absent in older checkpoints
+    if not (isinstance(busy, dict) and all(_pairs(v) for v in busy.values())):
+        raise fail(f"host_ingress_busy is {_short(busy)}; valid: a dict of (start, end) lists")
     states = world.get("ranks")
     if not isinstance(states, list) or len(states) != ranks:
         raise fail(f"ranks hold {_short(states)}; valid: one state for each of {ranks} ranks")
@@ -156,9 +159,20 @@ def _check_world(world: Any, ranks: int, path: Path) -> None:
             isinstance(m, (list, tuple)) and len(m) == 4 and _finite(m[0]) and _whole(m[1])
             and _whole(m[2]) and 0 <= m[2] < ranks and isinstance(m[3], torch.Tensor)
             for m in state["inbox"])
+        # Added later (absent in older checkpoints): the port's busy stretches, the CPU owed.
+        debt = state.get("cpu_debt", (0.0, [])) if ok else None
+        ok = ok and _pairs(state.get("ingress_busy", [])) and isinstance(debt, (list, tuple)) \
+            and len(debt) == 2 and _finite(debt[0]) and debt[0] >= 0 and _pairs(debt[1])
         if not ok:
             raise fail(f"rank {rank} is {_short(state)}; valid: clock, nic_free, ingress_free "
-                       ">= 0, bytes_by_verb and inbox")
+                       ">= 0, bytes_by_verb, inbox, ingress_busy and cpu_debt")
+
+
+def _pairs(value: Any) -> bool:
+    """A list of (a, b) pairs of finite numbers (a port's busy stretches, messages' CPU)."""
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and _finite(p[0]) and _finite(p[1])
+        for p in value)
 
 
 def _check_optimizer(saved: dict[str, Any], model: torch.nn.Module, who: str) -> None:

@@ -2,11 +2,12 @@
 
 Per link (defaults like 10 GbE): each rank has one full-duplex NIC that sends one message at a
 time and receives one at a time. A message of b bytes sent at t leaves when the sender's NIC is
-free and occupies it for b / bandwidth; it is fully received latency later, or, if the receiver's
-NIC is still busy with earlier messages, b / bandwidth after that. So per-pair FIFO order holds, a
-rank that pushes to many peers pays for its egress, and a parameter server that many workers push
-to pays for its ingress. Collectives cost what a ring all-reduce (or a binomial-tree broadcast)
-costs under the same model.
+free and occupies it for b / bandwidth; it is fully received latency later, or, if the receiving
+NIC (the switch port in front of it) is busy then with other messages, once that port has had
+b / bandwidth of idle time for it (`Port`: work-conserving, never idle while bytes wait). So
+per-pair FIFO order holds, a rank that pushes to many peers pays for its egress, and a parameter
+server that many workers push to pays for its ingress. Collectives cost what a ring all-reduce (or
+a binomial-tree broadcast) costs under the same model.
 
 Machines (docs/multi-machine.md): with `NetworkModel.host_link`, a message between machines also
 crosses both machines' NICs, each shared by all the ranks of its machine. With
@@ -99,13 +100,64 @@ class NetworkModel:
         return self.latency + self.host_link.latency, min(self.bandwidth, shared)
 
 
+class Port:
+    """The receiving side of a NIC, or the switch port that feeds it: when it is busy delivering.
+
+    Messages are timed in the order they are sent, not the order their bytes reach the port: a
+    message that another NIC's queue holds back reserves a later stretch. A port is
+    work-conserving (a switch sends whatever packets are queued for it), so a message whose bytes
+    arrive before that stretch is served in the idle time before and around it, not behind it;
+    a single "free from" time would leave the port idle while those bytes wait.
+    """
+
+    def __init__(self, busy: list[tuple[float, float]] | None = None) -> None:
+        self.busy: list[tuple[float, float]] = list(busy or [])  # sorted, disjoint
+
+    @property
+    def free(self) -> float:
+        """When it has delivered everything reserved so far."""
+        return self.busy[-1][1] if self.busy else 0.0
+
+    def take(self, ready: float, duration: float) -> float:
+        """Deliver `duration` seconds of bytes that may start at `ready`, in the port's idle time
+        from then on; returns when the last byte is delivered."""
+        t, left, taken = ready, duration, []
+        i = next((k for k, (_, end) in enumerate(self.busy) if end > t), len(self.busy))
+        while True:
+            gap_end = self.busy[i][0] if i < len(self.busy) else math.inf
+            if t < gap_end:
+                used = min(left, gap_end - t)
+                taken.append((t, t + used))
+                t, left = t + used, left - used
+                if left <= 0.0:
+                    break
+            t, i = max(t, self.busy[i][1]), i + 1
+        self.busy = _merge(self.busy + taken)
+        return t
+
+    def forget(self, before: float) -> None:
+        """Drop the stretches over by `before` (no message can be sent before then any more)."""
+        while len(self.busy) > 1 and self.busy[0][1] <= before:
+            self.busy.pop(0)
+
+
+def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        elif end > start:
+            merged.append((start, end))
+    return merged
+
+
 class _HostNics:
     """When each machine's NIC is free to send, and to receive, the next inter-machine message."""
 
     def __init__(self, network: NetworkModel) -> None:
         self.network = network
         self.egress: dict[int, float] = {}
-        self.ingress: dict[int, float] = {}
+        self.ingress: dict[int, Port] = {}
 
     def ready(self, src: int, dst: int, start: float, mailbox_free: float) -> float:
         """When the payload of a message whose header the sending rank hands over at `start` may
@@ -126,17 +178,21 @@ class _HostNics:
         out, into = self.network.host(src), self.network.host(dst)
         sent = max(start, self.egress.get(out, 0.0)) + size / link.bandwidth
         self.egress[out] = sent
-        received = max(sent + link.latency, self.ingress.get(into, 0.0) + size / link.bandwidth)
-        self.ingress[into] = received
-        return sent, received
+        port = self.ingress.setdefault(into, Port())
+        port.forget(start)
+        return sent, port.take(sent + link.latency - size / link.bandwidth, size / link.bandwidth)
 
 
 @dataclass
 class RankNic:
-    """One rank's NIC: when it has sent what it was given, and received what is on its way."""
+    """One rank's NIC: when it has sent what it was given, and when it is busy receiving."""
 
     egress_free: float = 0.0
-    ingress_free: float = 0.0
+    ingress: Port = field(default_factory=Port)
+
+    @property
+    def ingress_free(self) -> float:
+        return self.ingress.free
 
 
 class Nics:
@@ -154,13 +210,11 @@ class Nics:
         link = network.link(src, dst)
         start = max(clock + network.overhead, sender.egress_free)
         sender.egress_free = start + size / link.bandwidth
-        arrival = max(sender.egress_free + link.latency,
-                      receiver.ingress_free + size / link.bandwidth)
+        arrival = sender.egress_free + link.latency
         if network.crosses(src, dst):  # then through both machines' shared NICs
             if network.rendezvous:
                 start = self.hosts.ready(src, dst, start, receiver.ingress_free)
             sent, arrival = self.hosts.cross(src, dst, size, start)
             sender.egress_free = sent
-            arrival = max(arrival, receiver.ingress_free + size / link.bandwidth)
-        receiver.ingress_free = arrival
-        return arrival
+        receiver.ingress.forget(clock)
+        return receiver.ingress.take(arrival - size / link.bandwidth, size / link.bandwidth)

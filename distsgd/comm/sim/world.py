@@ -29,7 +29,7 @@ from distsgd.comm.base import (
     set_current,
     tree_broadcast_children,
 )
-from distsgd.comm.sim.network import NetworkModel, Nics
+from distsgd.comm.sim.network import NetworkModel, Nics, Port
 from distsgd.comm.sim.scheduler import _IDLE, Scheduler, _Collective, _Message, _Worker
 from distsgd.comm.sim.simcomm import SimComm
 
@@ -57,9 +57,12 @@ class SimWorld(Scheduler):
         if self._pending:
             raise RuntimeError("a collective is under way: the world is not quiescent")
         hosts = self._nics.hosts
-        return {"seq": self._seq, "host_nics": (dict(hosts.egress), dict(hosts.ingress)),
+        return {"seq": self._seq,
+                "host_nics": (dict(hosts.egress), {h: p.free for h, p in hosts.ingress.items()}),
+                "host_ingress_busy": {h: list(p.busy) for h, p in hosts.ingress.items()},
                 "ranks": [{
             "clock": w.clock, "nic_free": nic.egress_free, "ingress_free": nic.ingress_free,
+            "ingress_busy": list(nic.ingress.busy),
             "bytes_by_verb": dict(w.counter.by_verb), "cpu_debt": (w.debt, list(w.sending)),
             "inbox": [(m.arrival, m.seq, m.src, m.payload.cpu().clone()) for m in w.inbox],
         } for w, nic in zip(self._workers, self._nics.ranks, strict=True)]}
@@ -68,10 +71,12 @@ class SimWorld(Scheduler):
         """Restore what `state_dict` saved (at a hold of a world that has run up to there)."""
         self._seq = saved["seq"]
         egress, ingress = saved["host_nics"]
-        self._nics.hosts.egress, self._nics.hosts.ingress = dict(egress), dict(ingress)
+        busy = saved.get("host_ingress_busy", {})  # older checkpoints: busy until free
+        self._nics.hosts.egress = dict(egress)
+        self._nics.hosts.ingress = {h: _port(busy.get(h), free) for h, free in ingress.items()}
         for w, nic, s in zip(self._workers, self._nics.ranks, saved["ranks"], strict=True):
-            w.clock, nic.egress_free, nic.ingress_free = (s["clock"], s["nic_free"],
-                                                          s["ingress_free"])
+            w.clock, nic.egress_free = s["clock"], s["nic_free"]
+            nic.ingress = _port(s.get("ingress_busy"), s["ingress_free"])
             w.counter.by_verb = dict(s["bytes_by_verb"])
             w.debt, sending = s.get("cpu_debt", (0.0, []))  # older checkpoints: none owed
             w.sending = [(float(t), float(c)) for t, c in sending]
@@ -233,6 +238,13 @@ def _as_current(fn: Callable[[SimComm], T], comm: SimComm) -> T:
         return fn(comm)
     finally:
         set_current(None)
+
+
+def _port(busy: list[tuple[float, float]] | None, free: float) -> Port:
+    """A saved receiving port; without its busy stretches (older checkpoints), busy until `free`."""
+    if busy is None:
+        return Port([(0.0, free)] if free > 0 else [])
+    return Port([(float(a), float(b)) for a, b in busy])
 
 
 def _copy_into(out: torch.Tensor, m: _Message, rank: int) -> None:
