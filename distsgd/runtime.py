@@ -17,6 +17,7 @@ import torch
 
 from distsgd import checkpoint, data, models, torchrun_job
 from distsgd.algorithms.base import Algorithm
+from distsgd.algorithms.ps import merge_figures
 from distsgd.checkpoint import Checkpoints
 from distsgd.comm.base import Comm
 from distsgd.comm.sim import Link, NetworkModel, SimWorld
@@ -129,9 +130,28 @@ def _start(cfg: RunConfig, dataset: data.Dataset, folder: RunFolder,
                                 comm_timeout=cfg.timeout, on_failure=cfg.on_failure,
                                 essential=range(first_worker + 1), device=cfg.device)
         results = [r for r in results if r is not None]  # None: a worker that died
-    # summary.json was written once, by the last evaluation: by then every worker's last update
-    # has been applied, so its staleness figures equal the servers' own (tests check it).
+        _servers_final_figures(folder, results)
+    # summary.json was written once, by the last evaluation; in the simulator every worker's last
+    # update has been applied by then, so its staleness figures equal the servers' own (tests
+    # check it). On processes another worker's last push may still be on its way to a server
+    # when the evaluating worker takes the last snapshot: the servers' own final figures win.
     return _result(cfg, folder, results)
+
+
+SERVER_FIGURES = ("staleness_mean", "staleness_max", "staleness_histogram", "ssp_max_clock_gap",
+                  "server_bytes_sent")
+
+
+def _servers_final_figures(folder: RunFolder, results: list[WorkerResult]) -> None:
+    """Put the servers' final figures (every push they applied, once every worker has said
+    goodbye) into summary.json, in place of the last snapshot's."""
+    figures = [r.figures for r in results if r.figures]
+    if not figures or not (folder.path / "summary.json").is_file():
+        return
+    final = merge_figures(figures)
+    summary = read_summary(folder.path)
+    summary.update({k: final[k] for k in SERVER_FIGURES if k in final and k in summary})
+    folder.write_summary(summary)
 
 
 def _result(cfg: RunConfig, folder: RunFolder, results: list[WorkerResult]) -> RunResult:

@@ -54,11 +54,27 @@ def _group(pgid: int) -> list[int]:
     return found
 
 
-def _wait_for(condition: object, timeout: float, what: str) -> None:
+def _describe(pids: list[int]) -> str:
+    """What each process is and where it waits: pid, state, kernel wait channel, command."""
+    lines = []
+    for pid in pids:
+        try:
+            stat = Path("/proc", str(pid), "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = Path("/proc", str(pid), "wchan").read_text()
+            cmd = Path("/proc", str(pid), "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        lines.append(f"{pid} {stat} {wchan} {cmd[:160]}")
+    return "; ".join(lines)
+
+
+def _wait_for(condition: object, timeout: float, what: str,
+              detail: object = None) -> None:
     end = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
         if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+            extra = f": still there: {detail()}" if detail is not None else ""  # type: ignore[operator]
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}{extra}")
         time.sleep(0.2)
 
 
@@ -91,7 +107,8 @@ def _stop(proc: subprocess.Popen[str], sig: signal.Signals) -> tuple[int, str, f
     start = time.monotonic()
     proc.send_signal(sig)
     try:
-        _wait_for(lambda: not _group(proc.pid), GONE_WITHIN, f"the processes of {proc.args}")
+        _wait_for(lambda: not _group(proc.pid), GONE_WITHIN,
+                  f"the processes of {proc.args}", lambda: _describe(_group(proc.pid)))
         gone = time.monotonic() - start
         code = proc.wait(timeout=10)
         _, err = proc.communicate(timeout=10)
