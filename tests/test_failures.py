@@ -147,7 +147,9 @@ def test_survivors_finish_and_reach_the_bar_after_a_worker_dies(
     (failed,) = summary["failed_workers"]
     died = failed.pop("real_time_s")
     assert failed == {"rank": victim, "worker": 2, "last_step": step}, context
-    assert 0 < died < summary["real_time_s"], context  # on the metrics' clock
+    # On the metrics' clock, which starts at the evaluating worker's first step: an asynchronous
+    # worker may run its steps and die before that (negative), never before the run started.
+    assert -summary["startup_s"] < died < summary["real_time_s"], context
     assert sorted(w.rank for w in result.workers) == sorted(
         set(range(roles.world_size)) - {victim}), context
     assert summary["steps"] > step and summary["test_accuracy"] >= 0.90, context

@@ -97,7 +97,12 @@ def _start(argv: list[str], tmp_path: Path) -> subprocess.Popen[str]:
     tmp = tmp_path / "tmp"  # where rendezvous folders go: must be empty at the end
     tmp.mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp)}
-    return subprocess.Popen([sys.executable, "-m", "distsgd", *argv], env=env, text=True,
+    # A test runner started in the background by a non-interactive shell (`cmd &`) has SIGINT
+    # ignored, and exec keeps an ignored signal ignored: restore Ctrl-C's default first, as a
+    # terminal's foreground process has it, then become `python -m distsgd` (same pid).
+    restore = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+               "os.execv(sys.executable, [sys.executable, '-m', 'distsgd', *sys.argv[1:]])")
+    return subprocess.Popen([sys.executable, "-c", restore, *argv], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
 
