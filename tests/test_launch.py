@@ -70,8 +70,9 @@ def unpicklable_result(comm: Comm) -> Any:
 
 
 def report_environment(comm: Comm, tag: str) -> tuple[str | None, str | None, str | None, int]:
-    print(f"rank {comm.rank} says {tag} on stdout", flush=True)
-    print(f"rank {comm.rank} says {tag} on stderr", file=sys.stderr, flush=True)
+    # One write per line: two ranks share the stream, and print's text and newline are two.
+    os.write(1, f"rank {comm.rank} says {tag} on stdout\n".encode())
+    os.write(2, f"rank {comm.rank} says {tag} on stderr\n".encode())
     return (os.environ.get("DISTSGD_TEST_OS"), os.environ.get("DISTSGD_TEST_ENV"),
             os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
 
