@@ -31,12 +31,7 @@ def probe(comm: Comm, pairs: list[tuple[int, int]], sizes: list[int], rounds: in
                 dist.barrier()
                 time.sleep(gap)
                 t0 = time.perf_counter()
-                if comm.rank == a:
-                    comm.send(message, b)
-                    comm.recv(reply, src=b)
-                elif comm.rank == b:
-                    comm.recv(message, src=a)
-                    comm.send(reply, a)
+                _round_trip(comm, a, b, message, reply)
                 if i >= 2:
                     times.append(time.perf_counter() - t0)
             out[f"{a}-{b}-{size}"] = statistics.median(times)
@@ -70,12 +65,7 @@ def transfer_cpu_probe(comm: Comm, a: int, b: int, size: int, rounds: int = 4) -
     dist.barrier()
     start = cpu()
     for _ in range(rounds):
-        if comm.rank == a:
-            comm.send(message, b)
-            comm.recv(message, src=b)
-        elif comm.rank == b:
-            comm.recv(message, src=a)
-            comm.send(message, a)
+        _round_trip(comm, a, b, message, message)
     spent[0] = cpu() - start
     if comm.rank == b:
         comm.send(spent, a)
@@ -86,3 +76,13 @@ def transfer_cpu_probe(comm: Comm, a: int, b: int, size: int, rounds: int = 4) -
         return float(spent[0] + theirs[0]) / (2 * 2 * size * rounds)
     dist.barrier()
     return 0.0
+
+
+def _round_trip(comm: Comm, a: int, b: int, there: torch.Tensor, back: torch.Tensor) -> None:
+    """`a` sends `there` to `b`, which answers with `back`; other ranks do nothing."""
+    if comm.rank == a:
+        comm.send(there, b)
+        comm.recv(back, src=b)
+    elif comm.rank == b:
+        comm.recv(there, src=a)
+        comm.send(back, a)
